@@ -1,0 +1,7 @@
+"""dvlm_exp: visual-token pruning experiments for diffusion vision-language models.
+
+Importing the package is cheap (no torch, no lmms-eval); heavy modules are imported lazily
+by the runner so that `python run.py --help` and config errors answer fast.
+"""
+
+__version__ = "0.1.0"

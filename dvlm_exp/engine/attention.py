@@ -1,0 +1,67 @@
+"""Attention score rows without giving up SDPA.
+
+Methods that rank tokens by attention need a few rows of one layer's attention matrix
+(the last token, the masked response tokens, ...). We register one attention function with
+transformers' `AttentionInterface` (the library's extension point, no patching): it computes
+exactly the requested rows from the layer's post-RoPE q and k, then returns the layer output
+from the stock SDPA function. Only layers that receive a `dvlm_score` request pay anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+ATTN_IMPLEMENTATION = "dvlm_sdpa"
+
+# Bound the [heads, rows, keys] score block kept in memory at once.
+_MAX_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class ScoreRequest:
+    """Rows of the head-averaged post-softmax attention of one layer.
+
+    `query_index` selects query positions of the current sequence. The result `column_mean`
+    is the attention each key receives, averaged over heads and over the selected queries
+    (FastV / RedVTP's `mean_softmax` aggregation). `flops` counts the extra work.
+    """
+
+    query_index: torch.Tensor
+    column_mean: torch.Tensor | None = None
+    flops: int = 0
+    n_rows: int = 0
+    n_keys: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def compute(self, query: torch.Tensor, key: torch.Tensor, scaling: float, n_groups: int) -> None:
+        # query [1, h, n, dh] (post-RoPE), key [1, h_kv, n, dh]
+        key = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
+        rows = query[0, :, self.query_index].float()  # [h, r, dh]
+        h, r, dh = rows.shape
+        n = key.shape[1]
+        total = torch.zeros(n, dtype=torch.float32, device=key.device)
+        chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, h * n))
+        for s in range(0, r, chunk):
+            logits = torch.matmul(rows[:, s : s + chunk], key.transpose(1, 2)) * scaling  # [h, c, n]
+            probs = torch.softmax(logits, dim=-1)
+            total += probs.sum(dim=(0, 1))
+        self.column_mean = total / (h * r)
+        self.n_rows, self.n_keys = r, n
+        self.flops = 2 * h * r * n * dh  # q·kᵀ for the requested rows only
+
+
+def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    request: ScoreRequest | None = kwargs.pop("dvlm_score", None)
+    if request is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        request.compute(query, key, scale, getattr(module, "num_key_value_groups", 1))
+    # Bidirectional: never let SDPA build a causal mask.
+    kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, dvlm_sdpa_attention)

@@ -1,0 +1,61 @@
+"""What ran: token counts per (step, layer), vision work, LM-head rows, scoring overhead.
+
+The recorder is the only input of the FLOPs accounting (dvlm_exp.flops): FLOPs are counted
+from what ran, and the unpruned baseline from the same forwards with no token dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleRecord:
+    n_visual: int = 0
+    vision_views: int = 0
+    vision_patches: int = 0  # patches per view
+    n_forwards: int = 0
+    # (n_query, n_key) -> number of decoder-layer calls with those sizes
+    layer_calls: Counter = field(default_factory=Counter)
+    # full (unpruned) sequence length -> number of forwards, for the baseline
+    baseline_forwards: Counter = field(default_factory=Counter)
+    lm_head_rows: int = 0
+    baseline_lm_head_rows: int = 0
+    scoring_flops: int = 0
+    visual_kept: list = field(default_factory=list)  # visual tokens seen by each layer call
+    kept_by_step_layer: dict = field(default_factory=dict)  # (step, layer) -> visual tokens
+    generated_tokens: int = 0
+    latency_s: float = 0.0
+    scoring_s: float = 0.0
+    output_ids: list = field(default_factory=list)
+
+
+class Recorder:
+    """Collects one SampleRecord per generate call."""
+
+    def __init__(self) -> None:
+        self.samples: list[SampleRecord] = []
+        self.current: SampleRecord | None = None
+
+    def start_sample(self) -> SampleRecord:
+        self.current = SampleRecord()
+        self.samples.append(self.current)
+        return self.current
+
+    def layer(self, step: int, layer: int, n_query: int, n_key: int, n_visual: int) -> None:
+        cur = self.current
+        cur.layer_calls[(n_query, n_key)] += 1
+        cur.visual_kept.append(n_visual)
+        cur.kept_by_step_layer[(step, layer)] = n_visual
+
+    def forward(self, full_length: int, lm_rows: int, baseline_lm_rows: int) -> None:
+        cur = self.current
+        cur.n_forwards += 1
+        cur.baseline_forwards[full_length] += 1
+        cur.lm_head_rows += lm_rows
+        cur.baseline_lm_head_rows += baseline_lm_rows
+
+    def reset(self) -> None:
+        self.samples.clear()
+        self.current = None

@@ -1,0 +1,69 @@
+"""FLOPs counted from what ran (the recorder), under two named conventions.
+
+`fastv_paper`: the FastV paper's per-layer `4nd² + 2n²d + 2ndm` (multiply-accumulates of an
+  MHA layer with a 2-matrix FFN, decoder only), as used by FastV, DivPrune and the dMLLM study.
+`exact`: FLOPs = 2 x MACs of every matmul that runs: Q/K/V/O with grouped KV heads,
+  QKᵀ and A·V, SwiGLU gate/up/down, plus the LM head rows computed and the vision tower
+  (patch conv, SigLIP layers, projector). Norms, RoPE and activations are not counted, as
+  `torch.utils.flop_counter.FlopCounterMode` does not count them either.
+The baseline of a run is the same forwards with no token dropped.
+"""
+
+from __future__ import annotations
+
+CONVENTIONS = ("exact", "fastv_paper")
+
+
+def layer_flops(n_q: int, n_k: int, dims: dict, convention: str = "exact") -> int:
+    d, m = dims["d"], dims["m"]
+    if convention == "fastv_paper":
+        return 4 * n_q * d * d + 2 * n_q * n_k * d + 2 * n_q * d * m
+    h, hkv, dh = dims["heads"], dims["kv_heads"], dims["head_dim"]
+    proj = n_q * d * (h * dh) + 2 * n_q * d * (hkv * dh) + n_q * (h * dh) * d
+    attn = 2 * n_q * n_k * (h * dh)
+    ffn = 3 * n_q * d * m
+    return 2 * (proj + attn + ffn)
+
+
+def vision_flops(views: int, dims: dict, n_tokens_projected: int | None = None) -> int:
+    """SigLIP tower (conv patch embedding + layers) and the 2-layer projector, exact convention."""
+    if views == 0:
+        return 0
+    n, d, m = dims["vision_patches"], dims["vision_d"], dims["vision_m"]
+    patch = 2 * n * d * 3 * dims["patch_size"] ** 2
+    per_layer = 2 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    proj = 2 * n * (dims["mm_hidden"] * dims["d"] + dims["d"] * dims["d"])
+    return views * (patch + dims["vision_layers"] * per_layer + proj)
+
+
+def sample_flops(rec, dims: dict, convention: str = "exact") -> dict:
+    """FLOPs of one SampleRecord and of its unpruned baseline."""
+    T = dims["layers"]
+    decoder = sum(c * layer_flops(nq, nk, dims, convention) for (nq, nk), c in rec.layer_calls.items())
+    base_decoder = sum(c * T * layer_flops(n, n, dims, convention) for n, c in rec.baseline_forwards.items())
+    out = {"decoder": decoder, "baseline_decoder": base_decoder}
+    if convention == "exact":
+        head = 2 * rec.lm_head_rows * dims["d"] * dims["vocab"]
+        base_head = 2 * rec.baseline_lm_head_rows * dims["d"] * dims["vocab"]
+        vis = vision_flops(rec.vision_views, dims)
+        out.update(lm_head=head, vision=vis, scoring=rec.scoring_flops,
+                   total=decoder + head + vis + rec.scoring_flops,
+                   baseline_total=base_decoder + base_head + vis)
+    else:
+        out.update(total=decoder, baseline_total=base_decoder)
+    return out
+
+
+def summarize(samples: list, dims: dict) -> dict:
+    """Run-level FLOPs: totals over samples for each convention, and the reduction."""
+    result = {}
+    for conv in CONVENTIONS:
+        parts = [sample_flops(s, dims, conv) for s in samples]
+        agg = {k: sum(p[k] for p in parts) for k in (parts[0] if parts else {"total": 0, "baseline_total": 0})}
+        total, base = agg.get("total", 0), agg.get("baseline_total", 0)
+        agg["reduction"] = (1.0 - total / base) if base else 0.0
+        agg["ratio"] = (total / base) if base else 1.0
+        result[conv] = agg
+    exact = result["exact"]
+    return {"total": exact["total"], "baseline_total": exact["baseline_total"], "reduction": exact["reduction"],
+            "convention": "exact", "by_convention": result}

@@ -1,0 +1,339 @@
+"""LLaDA-V (`llava_llada`, ML-GSAI/LLaDA-V) assembled from transformers parts.
+
+Official layout (HF `save_pretrained` of `LlavaLLaDAModelLM`): LLaMA-named bidirectional
+decoder (`model.layers.*`, `model.embed_tokens`, `model.norm`, `lm_head`), SigLIP tower under
+`model.vision_tower.vision_tower.vision_model.*` with the last layer already removed,
+`model.mm_projector.{0,2}` (mlp2x_gelu) and `model.image_newline`. Every dimension is read
+from config.json and the tensor shapes; the tower is built empty and filled from the
+checkpoint (never from the hub). Missing or unexpected keys are an error, listed by name.
+
+The engine uses the parts (`embed_tokens`, `layers`, `norm`, `lm_head`, `rotary_emb`);
+`prepare()` turns a question and images into the engine's `Sequence`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, SiglipVisionConfig, SiglipVisionModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from dvlm_exp.engine.attention import ATTN_IMPLEMENTATION
+from dvlm_exp.engine.state import Roles, Sequence
+from dvlm_exp.models import checkpoint as ckpt
+from dvlm_exp.models import llava_image
+
+IMAGE_TOKEN_INDEX = -200
+# Official ids (LLaDA tokenizer); the tokenizer is the source of truth when present.
+DEFAULT_SPECIAL_IDS = {"bos": 126080, "eos": 126081, "mask": 126336, "start_header": 126346,
+                       "end_header": 126347, "eot": 126348}
+# SigLIP so400m/14-384 values the official tower hard-codes when no tower config is at hand.
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=384,
+              patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def official_to_ours(key: str) -> str:
+    for src, dst in (("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+                     ("model.mm_projector.", "mm_projector."),
+                     ("model.image_newline", "image_newline"),
+                     ("model.", "")):
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def ours_to_official(key: str) -> str:
+    for src, dst in (("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                     ("mm_projector.", "model.mm_projector."),
+                     ("image_newline", "model.image_newline"),
+                     ("lm_head.", "lm_head.")):
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return "model." + key
+
+
+def llm_config(cfg: dict) -> LlamaConfig:
+    llm = LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        hidden_act=cfg.get("hidden_act", "silu"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=cfg.get("rope_theta", 500000.0), rope_scaling=cfg.get("rope_scaling"),
+        max_position_embeddings=cfg.get("max_position_embeddings", 16384),
+        attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
+        tie_word_embeddings=False,
+    )
+    llm._attn_implementation = ATTN_IMPLEMENTATION
+    return llm
+
+
+def vision_config(path: Path, cfg: dict, weights: dict) -> SiglipVisionConfig:
+    """Tower dims from the checkpoint tensors; heads/image size from the tower folder when present."""
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    patch_w = weights[prefix + "embeddings.patch_embedding.weight"]
+    hidden, _, patch, _ = patch_w.shape
+    n_layers = 1 + max(int(k[len(prefix):].split(".")[2]) for k in weights if k.startswith(prefix + "encoder.layers."))
+    inter = weights[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    vals = dict(SO400M)
+    tower_dir = path / str(cfg.get("mm_vision_tower", ""))
+    if cfg.get("mm_vision_tower") and (tower_dir / "config.json").is_file():
+        tc = json.loads((tower_dir / "config.json").read_text())
+        vals.update({k: tc[k] for k in ("num_attention_heads", "image_size", "hidden_act", "layer_norm_eps") if k in tc})
+    elif hidden != SO400M["hidden_size"]:
+        vals["num_attention_heads"] = max(1, hidden // 72)
+    vals.update(hidden_size=hidden, intermediate_size=inter, patch_size=patch, num_hidden_layers=n_layers)
+    vc = SiglipVisionConfig(**vals, vision_use_head=False)
+    vc._attn_implementation = "eager"  # the official tower computes attention eagerly
+    return vc
+
+
+class _LazyWeights(dict):
+    """name -> tensor for every tensor of the checkpoint files (loaded eagerly, safetensors only)."""
+
+    @classmethod
+    def load(cls, files: list[Path]) -> "_LazyWeights":
+        from safetensors.torch import load_file
+
+        out = cls()
+        for f in files:
+            out.update(load_file(str(f)))
+        return out
+
+
+class LLaDAV(nn.Module):
+    family = "llada_v"
+    model_type = "llava_llada"
+
+    def __init__(self, cfg: dict, vcfg: SiglipVisionConfig):
+        super().__init__()
+        self.config = cfg
+        lc = llm_config(cfg)
+        self.llm_config = lc
+        d = lc.hidden_size
+        self.embed_tokens = nn.Embedding(lc.vocab_size, d)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(lc, i) for i in range(lc.num_hidden_layers))
+        for layer in self.layers:
+            layer.self_attn.is_causal = False  # LLaDA attends bidirectionally
+        self.norm = LlamaRMSNorm(d, eps=lc.rms_norm_eps)
+        self.lm_head = nn.Linear(d, lc.vocab_size, bias=False)
+        self.vision_tower = SiglipVisionModel(vcfg)
+        mm_hidden = cfg.get("mm_hidden_size", vcfg.hidden_size)
+        if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            raise ValueError(f"unsupported mm_projector_type {cfg.get('mm_projector_type')!r} (only mlp2x_gelu)")
+        self.mm_projector = nn.Sequential(nn.Linear(mm_hidden, d), nn.GELU(), nn.Linear(d, d))
+        self.image_newline = nn.Parameter(torch.zeros(d))
+        self.rotary_emb = LlamaRotaryEmbedding(lc)
+        self.image_size = vcfg.image_size
+        self.patches_per_side = vcfg.image_size // vcfg.patch_size
+        self.grid_pinpoints = llava_image.parse_grid_pinpoints(cfg.get("image_grid_pinpoints") or [[self.image_size] * 2], self.image_size)
+        ar = str(cfg.get("image_aspect_ratio", "anyres_max_4"))
+        self.max_tiles = int(ar.split("anyres_max_")[1]) if ar.startswith("anyres_max_") else None
+        self.tokenizer = None
+        self.special_ids = dict(DEFAULT_SPECIAL_IDS)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                        load_tokenizer: bool = True, resize_vocab: bool = True) -> "LLaDAV":
+        from accelerate import init_empty_weights
+
+        path = Path(path)
+        cfg = ckpt.read_config(path, cls.model_type)
+        files = ckpt.weight_files(path)
+        if load_tokenizer:
+            ckpt.check_tokenizer(path)
+        weights = _LazyWeights.load(files)
+        vcfg = vision_config(path, cfg, weights)
+        with init_empty_weights(include_buffers=False):
+            model = cls(cfg, vcfg)
+        expected = {ours_to_official(k) for k in model.state_dict()}
+        missing = sorted(expected - set(weights))
+        unexpected = sorted(set(weights) - expected)
+        if missing or unexpected:
+            lines = [f"checkpoint {path} does not match the {cls.model_type} layout:"]
+            if missing:
+                lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            if unexpected:
+                lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+            lines.append("  No weight is initialised at random: fix or re-download the checkpoint.")
+            raise ckpt.CheckpointError("\n".join(lines))
+        state = {official_to_ours(k): v for k, v in weights.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        del weights, state
+        model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+        model.eval()
+        if load_tokenizer:
+            model.attach_tokenizer(path, resize_vocab=resize_vocab)
+        return model
+
+    def attach_tokenizer(self, path: str | Path, resize_vocab: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        from dvlm_exp.models.tokenizer_tiny import special_ids_from_tokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        self.tokenizer = tok
+        self.special_ids = special_ids_from_tokenizer(tok)
+        if resize_vocab:
+            # The official loader calls resize_token_embeddings(len(tokenizer)); for the dense
+            # LLaDA vocabulary that is max id + 1 (126349). Rows beyond it are dropped.
+            n = max(tok.get_vocab().values()) + 1
+            if n < self.embed_tokens.num_embeddings:
+                self.embed_tokens.weight = nn.Parameter(self.embed_tokens.weight[:n].clone(), requires_grad=False)
+                self.embed_tokens.num_embeddings = n
+                self.lm_head.weight = nn.Parameter(self.lm_head.weight[:n].clone(), requires_grad=False)
+                self.lm_head.out_features = n
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def mask_id(self) -> int:
+        return self.special_ids["mask"]
+
+    @property
+    def banned_ids(self) -> list[int]:
+        """Ids the official decoder sets to -inf at masked slots."""
+        s = self.special_ids
+        return [s["eos"], s["bos"], s["start_header"], s["end_header"]]
+
+    def dims(self) -> dict:
+        lc, vc = self.llm_config, self.vision_tower.config
+        return dict(
+            d=lc.hidden_size, m=lc.intermediate_size, layers=lc.num_hidden_layers,
+            heads=lc.num_attention_heads, kv_heads=lc.num_key_value_heads,
+            head_dim=lc.hidden_size // lc.num_attention_heads, vocab=self.lm_head.out_features,
+            vision_d=vc.hidden_size, vision_m=vc.intermediate_size, vision_layers=vc.num_hidden_layers,
+            vision_patches=self.patches_per_side ** 2, patch_size=vc.patch_size,
+            mm_hidden=self.mm_projector[0].in_features,
+        )
+
+    # ------------------------------------------------------------------ vision path
+    @torch.inference_mode()
+    def encode_views(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[V,3,S,S] -> projected patch features [V, P, d] (encoder output before post-LN)."""
+        vt = self.vision_tower
+        x = pixel_values.to(device=self.device, dtype=vt.embeddings.patch_embedding.weight.dtype)
+        h = vt.embeddings(x)
+        h = vt.encoder(inputs_embeds=h).last_hidden_state
+        return self.mm_projector(h.to(self.mm_projector[0].weight.dtype))
+
+    def image_features(self, images: list) -> tuple[list[torch.Tensor], dict]:
+        """One [N_vis, d] block per image (anyres for a single image, base view for several)."""
+        if len(images) == 1:
+            px, size_wh = llava_image.process_image(images[0], self.grid_pinpoints, self.image_size)
+            feats = self.encode_views(px)
+            packed, info = llava_image.pack_image_features(
+                feats, size_wh, self.grid_pinpoints, image_size=self.image_size,
+                patches_per_side=self.patches_per_side, newline=self.image_newline, max_tiles=self.max_tiles)
+            info = dict(info, views=int(px.shape[0]))
+            return [packed], info
+        # Several images: the official eval forces image_aspect_ratio="pad": one square view each.
+        blocks = []
+        for img in images:
+            sq = expand_to_square(img.convert("RGB"))
+            px = llava_image.siglip_preprocess(sq, self.image_size)[None]
+            blocks.append(self.encode_views(px)[0])
+        return blocks, {"views": len(images)}
+
+    # ------------------------------------------------------------------ prompt
+    def prompt_ids(self, question: str, n_images: int = 1, think: str | None = None) -> list[int]:
+        from dvlm_exp.models.tokenizer_tiny import build_llada_v_prompt
+
+        if self.tokenizer is None:
+            raise RuntimeError("this model was loaded without a tokenizer")
+        if n_images > 1:
+            question = "\n".join(["<image>"] * (n_images - 1)) + "\n" + question
+        return build_llada_v_prompt(self.tokenizer, question, image=n_images > 0, think=think)
+
+    @torch.inference_mode()
+    def prepare(self, prompt_ids: list[int], images: list, gen_length: int) -> tuple[Sequence, dict]:
+        """Splice visual features into the prompt embeddings; append gen_length mask slots."""
+        n_ph = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
+        if n_ph != len(images):
+            raise ValueError(f"prompt has {n_ph} image placeholders but {len(images)} images were given")
+        blocks, info = self.image_features(images) if images else ([], {"views": 0})
+        pieces, roles = [], []
+        text: list[int] = []
+        it = iter(blocks)
+
+        def flush():
+            if text:
+                ids = torch.tensor(text, device=self.device)
+                pieces.append(self.embed_tokens(ids))
+                roles.append(torch.full((len(text),), Roles.TEXT, dtype=torch.int8))
+                text.clear()
+
+        for t in prompt_ids:
+            if t == IMAGE_TOKEN_INDEX:
+                flush()
+                blk = next(it).to(self.dtype)
+                pieces.append(blk)
+                roles.append(torch.full((blk.shape[0],), Roles.VISUAL, dtype=torch.int8))
+            else:
+                text.append(t)
+        flush()
+        emb = torch.cat(pieces)
+        role = torch.cat(roles).to(self.device)
+        P = emb.shape[0]
+        seq = Sequence(
+            prompt_embeds=emb, roles=role, positions=torch.arange(P, device=self.device),
+            response_ids=torch.full((gen_length,), self.mask_id, dtype=torch.long, device=self.device),
+            prompt_len0=P, mask_id=self.mask_id,
+        )
+        info = dict(info, n_visual=int((role == Roles.VISUAL).sum()), prompt_len=P)
+        return seq, info
+
+    def stop_ids(self, stops: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            return []
+        return [self.tokenizer.encode(s, add_special_tokens=False) for s in stops if s]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+
+def expand_to_square(img, background=(127, 127, 127)):
+    """The official `expand2square` (pad mode): centre on a square canvas of the mean colour."""
+    from PIL import Image
+
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
