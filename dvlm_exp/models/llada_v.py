@@ -76,7 +76,8 @@ def llm_config(cfg: dict) -> LlamaConfig:
         num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
         hidden_act=cfg.get("hidden_act", "silu"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=cfg.get("rope_theta", 500000.0), rope_scaling=cfg.get("rope_scaling"),
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 500000.0)),
+                         **(cfg.get("rope_scaling") or {})},
         max_position_embeddings=cfg.get("max_position_embeddings", 16384),
         attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=False,
@@ -185,11 +186,11 @@ class LLaDAV(nn.Module):
         return model
 
     def attach_tokenizer(self, path: str | Path, resize_vocab: bool = True) -> None:
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast
 
         from dvlm_exp.models.tokenizer_tiny import special_ids_from_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))  # the LLaDA tokenizer class
         self.tokenizer = tok
         self.special_ids = special_ids_from_tokenizer(tok)
         if resize_vocab:

@@ -16,7 +16,7 @@ import torch
 from dvlm_exp.engine.state import Roles
 from dvlm_exp.pruning.base import PruneMethod, keep_count, response_mask_positions, topk_sorted
 
-QUERY_SETS = ("last_token", "all", "masked_response", "last_prompt_token")
+from dvlm_exp.pruning.fastv_queries import QUERY_SETS  # noqa: E402
 
 
 class FastV(PruneMethod):

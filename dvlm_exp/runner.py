@@ -1,0 +1,240 @@
+"""The job: config -> model, method, schedule, engine -> lmms-eval -> results.json (+ W&B).
+
+run.py is a thin @hydra.main wrapper around `main`. Heavy imports (torch, lmms-eval) happen
+inside the functions that need them, after the config has been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from dvlm_exp import record as rec_io
+from dvlm_exp.models.checkpoint import CheckpointError
+from dvlm_exp.paths import cache_dir
+from dvlm_exp.validate import ConfigError, check
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Jobs of one process (Hydra's basic launcher) that share a model config reuse the weights.
+_MODEL_CACHE: dict = {}
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The same config run.py would see, for tests, the lmms-eval CLI and scripts."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def model_path(cfg: DictConfig) -> Path:
+    m = cfg.model
+    if m.get("tiny") is not None:
+        from dvlm_exp.models.tiny import ensure_checkpoint
+
+        return ensure_checkpoint(cache_dir() / "models", OmegaConf.to_container(m.tiny), seed=int(m.get("init_seed", 0)))
+    return Path(m.path)
+
+
+def load_model(cfg: DictConfig):
+    from dvlm_exp.registry import MODEL_FAMILIES
+
+    m = cfg.model
+    path = model_path(cfg)
+    key = (m.family, str(path), m.dtype, m.device, bool(m.get("resize_vocab", True)))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # keep at most one model in memory
+        family = MODEL_FAMILIES.get(m.family)
+        _MODEL_CACHE[key] = family.from_pretrained(path, dtype=m.dtype, device=m.device,
+                                                   resize_vocab=bool(m.get("resize_vocab", True)))
+    return _MODEL_CACHE[key]
+
+
+def build_pruner(cfg: DictConfig):
+    from dvlm_exp.registry import PRUNERS
+
+    p = OmegaConf.to_container(cfg.prune, resolve=True)
+    name = p.pop("name")
+    p.pop("position_ids", None)
+    return PRUNERS.get(name)(ratio=float(cfg.ratio), seed=int(cfg.seed), **p)
+
+
+def build_schedule(cfg: DictConfig):
+    from dvlm_exp.registry import SCHEDULES
+
+    s = OmegaConf.to_container(cfg.schedule, resolve=True)
+    return SCHEDULES.get(s.pop("name"))(**s)
+
+
+def build_generator(cfg: DictConfig):
+    from dvlm_exp.generator import GenPreset, Generator
+
+    check(cfg)
+    model = load_model(cfg)
+    g = OmegaConf.to_container(cfg.task.gen, resolve=True)
+    preset = GenPreset(**g)
+    return Generator(model, build_pruner(cfg), build_schedule(cfg), preset,
+                     position_ids=cfg.prune.get("position_ids", "keep"), seed=int(cfg.seed))
+
+
+def task_entry(cfg: DictConfig) -> dict:
+    t = cfg.task
+    if t.get("synthetic") is not None:
+        from dvlm_exp.data import synth_docvqa
+
+        s = t.synthetic
+        data = synth_docvqa.ensure(cache_dir() / "data" / f"{t.lmms_task}-n{s.n}-s{s.seed}", n=int(s.n), seed=int(s.seed))
+        return synth_docvqa.task_entry(data)
+    entry = {"task": t.lmms_task}
+    if t.get("dataset_path"):
+        entry["dataset_path"] = t.dataset_path
+    return entry
+
+
+def evaluate(cfg: DictConfig, generator) -> tuple[dict, list]:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.utils import get_datetime_str
+
+    from dvlm_exp.lmms_adapter import DvlmLMM
+    from dvlm_exp.tasks import TASKS_DIR
+
+    lm = DvlmLMM(generator=generator, progress=bool(cfg.get("progress", True)))
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(cfg.task.get("builtin", False)))
+    res = simple_evaluate(
+        model=lm, tasks=[task_entry(cfg)], task_manager=tm, limit=cfg.limit, bootstrap_iters=0,
+        log_samples=True, datetime_str=get_datetime_str(), random_seed=int(cfg.seed),
+        numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed),
+    )
+    return res, lm.predictions
+
+
+def _peak_memory_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb * 1024) if platform.system() != "Darwin" else int(kb)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dvlm_exp", "torch", "transformers", "lmms_eval", "hydra-core", "wandb", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def build_record(cfg: DictConfig, generator, res: dict, predictions: list, wall_s: float) -> dict:
+    from dvlm_exp import flops
+
+    task = cfg.task.lmms_task
+    samples = generator.recorder.samples
+    metrics = {k: v for k, v in res["results"][task].items() if k != "alias"}
+    lmms_samples = {s["doc_id"]: s for s in res.get("samples", {}).get(task, [])}
+    for p in predictions:
+        s = lmms_samples.get(p["doc_id"])
+        if s is not None:
+            p["target"] = s.get("target")
+            p.update({k.split(",")[0]: v for k, v in s.items() if k in metrics or k.split(",")[0] + ",none" in metrics})
+    n = len(samples)
+    gen_tokens = sum(s.generated_tokens for s in samples)
+    latency = sum(s.latency_s for s in samples)
+    kept_final = [s.visual_kept[-1] if s.visual_kept else 0 for s in samples]  # seen by the last layer call
+    layer_avg = [sum(s.visual_kept) / len(s.visual_kept) if s.visual_kept else 0 for s in samples]
+    return {
+        "task": task,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": metrics,
+        "n_samples": n,
+        "flops": flops.summarize(samples, generator.model.dims()),
+        "tokens": {
+            "visual_per_sample": [s.n_visual for s in samples],
+            "visual_kept_per_sample": kept_final,
+            "visual_kept_avg": sum(kept_final) / n if n else 0.0,
+            "visual_layer_avg": sum(layer_avg) / n if n else 0.0,
+            "generated_per_sample": [s.generated_tokens for s in samples],
+        },
+        "timing": {
+            "latency_s_per_sample": latency / n if n else 0.0,
+            "tokens_per_s": gen_tokens / latency if latency else 0.0,
+            "nfe": sum(s.n_forwards for s in samples) / n if n else 0.0,
+            "scoring_s_per_sample": sum(s.scoring_s for s in samples) / n if n else 0.0,
+            "wall_s": wall_s,
+        },
+        "memory": {"peak_bytes": _peak_memory_bytes()},
+        "generation": OmegaConf.to_container(cfg.task.gen, resolve=True),
+        "versions": _versions(),
+    }
+
+
+def summary_text(rec: dict, path: Path) -> str:
+    c = rec["config"]
+    prune = c["prune"]["name"]
+    how = "" if prune == "none" else f"(layer={c['prune'].get('layer')}, ratio={c['ratio']})"
+    metrics = ", ".join(f"{k.split(',')[0]}={v:.4f}" for k, v in rec["metrics"].items()
+                        if isinstance(v, (int, float)) and "stderr" not in k)
+    f, t, tok = rec["flops"], rec["timing"], rec["tokens"]
+    vis = tok["visual_per_sample"]
+    vis_avg = sum(vis) / len(vis) if vis else 0
+    return "\n".join([
+        f"dvlm_exp | model={c['model']['name']} prune={prune}{how} task={rec['task']} samples={rec['n_samples']}",
+        f"  accuracy  {metrics}",
+        f"  FLOPs     {f['total'] / 1e9:.3f} GFLOP vs baseline {f['baseline_total'] / 1e9:.3f} GFLOP "
+        f"-> reduction {100 * f['reduction']:.1f}% ({f['convention']})",
+        f"  latency   {t['latency_s_per_sample']:.3f} s/sample, {t['tokens_per_s']:.1f} tok/s, NFE {t['nfe']:.1f}",
+        f"  visual    {vis_avg:.0f} tokens/sample, {tok['visual_kept_avg']:.0f} kept after pruning",
+        f"  results   {path}",
+    ])
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one job into run_dir; returns the record. Nothing is written unless it completes."""
+    check(cfg)
+    sink = None
+    exit_code = 1
+    try:
+        if cfg.logger.name == "wandb":
+            from dvlm_exp.wandb_log import WandbSink
+
+            sink = WandbSink(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir)
+        t0 = time.perf_counter()
+        generator = build_generator(cfg)
+        res, predictions = evaluate(cfg, generator)
+        record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
+        if sink is not None:
+            sink.log_record(record, predictions)
+            record["wandb"] = {"mode": sink.mode, "dir": str(run_dir / "wandb"), "run_id": sink.run.id}
+        rec_io.write_atomic(run_dir / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in predictions))
+        path = rec_io.write_results(run_dir, record)
+        print(summary_text(record, path), flush=True)
+        exit_code = 0
+        return record
+    finally:
+        if sink is not None:
+            sink.finish(exit_code)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry for run.py: one-line errors for bad input, the main metric as return value."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        record = run(cfg, run_dir)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    vals = [v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and "stderr" not in k]
+    return float(vals[0]) if vals else None
