@@ -30,8 +30,10 @@ def read_config(path: str | Path, model_type: str | tuple[str, ...]) -> dict:
         raise CheckpointError(f"{cfg_file} is missing: model.path must hold a Hugging Face checkpoint (config.json + safetensors)")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file} is not a JSON object: re-download the checkpoint's config.json")
     types = (model_type,) if isinstance(model_type, str) else model_type
     if cfg.get("model_type") not in types:
         raise CheckpointError(
@@ -48,8 +50,11 @@ def weight_files(path: str | Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to shard file names")
+        except (ValueError, KeyError, TypeError) as e:  # ValueError covers JSONDecodeError
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
+                                  f"re-download it with the shards") from e
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:

@@ -89,6 +89,14 @@ def llm_config(cfg: dict) -> LlamaConfig:
 def vision_config(path: Path, cfg: dict, weights: dict) -> SiglipVisionConfig:
     """Tower dims from the checkpoint tensors; heads/image size from the tower folder when present."""
     prefix = "model.vision_tower.vision_tower.vision_model."
+    needed = [prefix + "embeddings.patch_embedding.weight", prefix + "encoder.layers.0.mlp.fc1.weight"]
+    absent = [k for k in needed if k not in weights]
+    if absent:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} does not match the {cfg.get('model_type')} layout: vision-tower key(s) "
+            f"{', '.join(absent)} missing (the tower is read from the checkpoint, never downloaded). "
+            f"No weight is initialised at random: fix or re-download the checkpoint."
+        )
     patch_w = weights[prefix + "embeddings.patch_embedding.weight"]
     hidden, _, patch, _ = patch_w.shape
     n_layers = 1 + max(int(k[len(prefix):].split(".")[2]) for k in weights if k.startswith(prefix + "encoder.layers."))
@@ -157,6 +165,7 @@ class LLaDAV(nn.Module):
         from accelerate import init_empty_weights
 
         path = Path(path)
+        dt = resolve_dtype(dtype)  # a bad option fails before anything is read
         cfg = ckpt.read_config(path, cls.model_type)
         files = ckpt.weight_files(path)
         if load_tokenizer:
@@ -168,18 +177,29 @@ class LLaDAV(nn.Module):
         expected = {ours_to_official(k) for k in model.state_dict()}
         missing = sorted(expected - set(weights))
         unexpected = sorted(set(weights) - expected)
-        if missing or unexpected:
+        shapes = {ours_to_official(k): tuple(v.shape) for k, v in model.state_dict().items()}
+        mismatched = sorted(k for k in expected & set(weights) if tuple(weights[k].shape) != shapes[k])
+        if missing or unexpected or mismatched:
             lines = [f"checkpoint {path} does not match the {cls.model_type} layout:"]
             if missing:
                 lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
             if unexpected:
                 lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+            if mismatched:
+                lines.append(f"  shape mismatches ({len(mismatched)}, file vs config.json): " + ", ".join(
+                    f"{k} {list(weights[k].shape)} vs {list(shapes[k])}" for k in mismatched[:20]) + (" ..." if len(mismatched) > 20 else ""))
             lines.append("  No weight is initialised at random: fix or re-download the checkpoint.")
             raise ckpt.CheckpointError("\n".join(lines))
         state = {official_to_ours(k): v for k, v in weights.items()}
         model.load_state_dict(state, strict=True, assign=True)
         del weights, state
-        model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+        # RoPE tables stay float32 whatever model.dtype is (as in the official and HF loaders):
+        # a bf16 inv_freq puts errors of several radians into the angles at positions ~2k-4k.
+        rope = {n: b.detach().clone() for n, b in model.rotary_emb.named_buffers()}
+        dev = resolve_device(device)
+        model.to(device=dev, dtype=dt)
+        for n, b in rope.items():
+            setattr(model.rotary_emb, n, b.to(dev))
         model.eval()
         if load_tokenizer:
             model.attach_tokenizer(path, resize_vocab=resize_vocab)
@@ -238,7 +258,7 @@ class LLaDAV(nn.Module):
         )
 
     # ------------------------------------------------------------------ vision path
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_views(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[V,3,S,S] -> projected patch features [V, P, d] (encoder output before post-LN)."""
         vt = self.vision_tower
@@ -275,7 +295,7 @@ class LLaDAV(nn.Module):
             question = "\n".join(["<image>"] * (n_images - 1)) + "\n" + question
         return build_llada_v_prompt(self.tokenizer, question, image=n_images > 0, think=think)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the returned state
     def prepare(self, prompt_ids: list[int], images: list, gen_length: int) -> tuple[Sequence, dict]:
         """Splice visual features into the prompt embeddings; append gen_length mask slots."""
         n_ph = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)

@@ -1,0 +1,185 @@
+"""Engine + FastV against naive references on the tiny model.
+
+The references compute the full softmax attention matrix explicitly (eager, every head,
+every query) and run the decoder layers by hand, so a bug in the score rows, the gather,
+the position policy or the persistence across steps shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from dvlm_exp.engine import Engine, Roles
+from dvlm_exp.pruning.base import keep_count
+from dvlm_exp.pruning.fastv import QUERY_SETS, FastV
+from dvlm_exp.pruning.none import NoPruning
+from dvlm_exp.schedule import AtStep, FirstStep
+
+
+@pytest.fixture(scope="module")
+def seq_factory(tiny_model, doc_images):
+    def make(gen_length=8, image=0, commit=()):
+        ids = tiny_model.prompt_ids("What is the total?", n_images=1, think="no_think")
+        seq, _ = tiny_model.prepare(ids, [doc_images[image]], gen_length)
+        for j, tok in commit:  # some answer slots already decoded
+            seq.response_ids[j] = tok
+        return seq
+
+    return make
+
+
+def naive_attention_matrix(model, seq, layer_idx: int) -> torch.Tensor:
+    """Head-mean softmax attention [n, n] of layer `layer_idx` on the unpruned sequence, by hand."""
+    with torch.no_grad():
+        h = torch.cat([seq.prompt_embeds, model.embed_tokens(seq.response_ids)])[None]
+        pos = torch.arange(h.shape[1])[None]
+        cos, sin = model.rotary_emb(h, pos)
+        for layer in model.layers[:layer_idx]:
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin))
+        attn = model.layers[layer_idx].self_attn
+        x = model.layers[layer_idx].input_layernorm(h)
+        n, hd = x.shape[1], attn.head_dim
+        q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) / hd ** 0.5, dim=-1)  # [1, h, n, n]
+        return probs[0].mean(0)
+
+
+def naive_queries(query_set: str, roles: torch.Tensor, is_mask: torch.Tensor) -> list[int]:
+    n = roles.numel()
+    resp = [i for i in range(n) if roles[i] == Roles.RESPONSE]
+    if query_set == "last_token":
+        return [n - 1]
+    if query_set == "all":
+        return list(range(n))
+    if query_set == "last_prompt_token":
+        return [resp[0] - 1]
+    masked = [r for j, r in enumerate(resp) if is_mask[j]]
+    return masked or resp
+
+
+def naive_fastv_keep(A, roles, query_rows, ratio) -> list[int]:
+    vis = [i for i in range(roles.numel()) if roles[i] == Roles.VISUAL]
+    score = {i: sum(float(A[q, i]) for q in query_rows) / len(query_rows) for i in vis}
+    k = keep_count(len(vis), ratio)
+    ranked = sorted(range(len(vis)), key=lambda j: -score[vis[j]])
+    return sorted(ranked[:k])
+
+
+@pytest.mark.parametrize("query_set", QUERY_SETS)
+def test_fastv_selection_matches_naive_full_attention(tiny_model, seq_factory, query_set):
+    K, ratio = 2, 0.3
+    seq = seq_factory(commit=[(0, 300), (3, 301)])  # masked and unmasked answer slots
+    A = naive_attention_matrix(tiny_model, seq, K - 1)
+    roles = seq.all_roles()
+    q = naive_queries(query_set, roles, seq.is_mask)
+    expected = naive_fastv_keep(A, roles, q, ratio)
+
+    method = FastV(ratio=ratio, layer=K, query_set=query_set)
+    eng = Engine(tiny_model, method, FirstStep())
+    eng.recorder.start_sample()
+    out = eng.forward(seq, step=0, response_rows=torch.arange(seq.gen_length))
+    kept_vis = torch.nonzero(seq.roles[out.keep] == Roles.VISUAL).squeeze(1)
+    vis_positions = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    kept_visual_idx = torch.searchsorted(vis_positions, out.keep[seq.roles[out.keep] == Roles.VISUAL])
+    assert kept_visual_idx.tolist() == expected
+    assert len(kept_vis) == keep_count(seq.n_visual(), ratio)
+    # every non-visual prompt token survives
+    assert set(torch.nonzero(seq.roles == Roles.TEXT).squeeze(1).tolist()) <= set(out.keep.tolist())
+
+
+def test_score_rows_equal_naive_columns(tiny_model, seq_factory):
+    from dvlm_exp.engine.attention import ScoreRequest
+
+    seq = seq_factory()
+    A = naive_attention_matrix(tiny_model, seq, 1)
+    rows = torch.tensor([0, 5, seq.length - 1])
+    req = ScoreRequest(rows)
+    h = torch.cat([seq.prompt_embeds, tiny_model.embed_tokens(seq.response_ids)])[None]
+    cos_sin = tiny_model.rotary_emb(h, torch.arange(h.shape[1])[None])
+    with torch.no_grad():
+        h = tiny_model.layers[0](h, attention_mask=None, position_embeddings=cos_sin)
+        out_with = tiny_model.layers[1](h, attention_mask=None, position_embeddings=cos_sin, dvlm_score=req)
+        out_without = tiny_model.layers[1](h, attention_mask=None, position_embeddings=cos_sin)
+    torch.testing.assert_close(req.column_mean, A[rows].mean(0), rtol=1e-5, atol=1e-7)
+    assert torch.equal(out_with, out_without)  # scoring never changes the layer output (SDPA kept)
+    assert req.n_rows == 3 and req.n_keys == seq.length
+
+
+@pytest.mark.parametrize("policy", ["keep", "renumber"])
+def test_pruned_forward_matches_manual_gather(tiny_model, seq_factory, policy):
+    """Layers < K see all tokens, layers >= K the survivors with the configured positions."""
+    K, ratio = 2, 0.4
+    seq = seq_factory()
+    method = FastV(ratio=ratio, layer=K, query_set="all")
+    eng = Engine(tiny_model, method, FirstStep(), position_ids=policy)
+    eng.recorder.start_sample()
+    rows = torch.arange(seq.gen_length)
+    out = eng.forward(seq, 0, rows)
+    keep = torch.cat([out.keep, seq.prompt_embeds.shape[0] + rows])
+    with torch.no_grad():
+        h = torch.cat([seq.prompt_embeds, tiny_model.embed_tokens(seq.response_ids)])[None]
+        cos, sin = tiny_model.rotary_emb(h, torch.arange(h.shape[1])[None])
+        for layer in tiny_model.layers[:K]:
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin))
+        h = h[:, keep]
+        if policy == "keep":
+            cos, sin = cos[:, keep], sin[:, keep]
+        else:
+            cos, sin = tiny_model.rotary_emb(h, torch.arange(h.shape[1])[None])
+        for layer in tiny_model.layers[K:]:
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin))
+        ref = tiny_model.lm_head(tiny_model.norm(h[:, -seq.gen_length:]))[0].float()
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
+    from dvlm_exp.generator import GenPreset, Generator
+
+    preset = GenPreset(gen_length=16, block_length=8, steps=8)
+    base = Generator(tiny_model, NoPruning(), FirstStep(), preset)
+    full = Generator(tiny_model, FastV(ratio=1.0, layer=2, query_set="last_token"), FirstStep(), preset)
+    for i, img in enumerate(doc_images):
+        a = base.generate("What is the total?", [img], sample_id=i)
+        b = full.generate("What is the total?", [img], sample_id=i)
+        assert base.recorder.current.output_ids == full.recorder.current.output_ids
+        assert a == b
+
+
+def test_persistence_later_steps_see_pruned_sequence(tiny_model, doc_images):
+    from dvlm_exp.generator import GenPreset, Generator
+
+    K, ratio, steps = 2, 0.25, 4
+    for schedule, act in ((FirstStep(), 0), (AtStep(step=2), 2)):
+        gen = Generator(tiny_model, FastV(ratio=ratio, layer=K), schedule, GenPreset(gen_length=8, block_length=8, steps=steps))
+        gen.generate("What is the date?", [doc_images[0]])
+        rec = gen.recorder.current
+        n_vis = rec.n_visual
+        kept = keep_count(n_vis, ratio)
+        T = tiny_model.num_layers
+        for step in range(steps):
+            for layer in range(T):
+                expect = n_vis if (step < act or (step == act and layer < K)) else kept
+                assert rec.kept_by_step_layer[(step, layer)] == expect, (schedule, step, layer)
+        # the sequence length each layer processed follows the same pattern
+        n_full = rec.baseline_forwards.most_common(1)[0][0]
+        pruned_calls = sum(c for (nq, _), c in rec.layer_calls.items() if nq == n_full - (n_vis - kept))
+        assert pruned_calls == (T - K) + (steps - act - 1) * T
+
+
+def test_random_pruning_is_seeded_and_sized(tiny_model, doc_images):
+    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.pruning.random import RandomPruning
+
+    outs = []
+    for _ in range(2):
+        gen = Generator(tiny_model, RandomPruning(ratio=0.5, layer=0, seed=3), FirstStep(), GenPreset(gen_length=8, block_length=8, steps=4))
+        gen.generate("What is the date?", [doc_images[1]], sample_id=5)
+        rec = gen.recorder.current
+        assert rec.kept_by_step_layer[(0, 0)] == keep_count(rec.n_visual, 0.5)
+        outs.append(rec.output_ids)
+    assert outs[0] == outs[1]
