@@ -1,0 +1,126 @@
+"""run.py end to end in subprocesses: default run, FastV, a multirun, W&B offline, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SCHEMA = {
+    "config": dict, "metrics": dict, "flops": dict, "tokens": dict, "timing": dict, "memory": dict, "versions": dict,
+}
+
+
+def run_cli(*args, timeout=600, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def check_record(run_dir: Path, prune: str) -> dict:
+    from dvlm_exp.record import is_complete
+
+    assert is_complete(run_dir)
+    rec = json.loads((run_dir / "results.json").read_text())
+    for key, typ in SCHEMA.items():
+        assert isinstance(rec[key], typ), key
+    assert rec["status"] == "complete"
+    assert rec["config"]["prune"]["name"] == prune
+    assert "anls,none" in rec["metrics"]
+    f = rec["flops"]
+    assert {"total", "baseline_total", "reduction", "convention"} <= set(f)
+    assert set(rec["tokens"]) >= {"visual_per_sample", "visual_kept_avg"}
+    assert set(rec["timing"]) >= {"latency_s_per_sample", "tokens_per_s", "nfe"}
+    assert rec["memory"]["peak_bytes"] > 0
+    assert rec["versions"]["torch"] and rec["versions"]["lmms_eval"]
+    assert len(rec["tokens"]["visual_per_sample"]) == rec["n_samples"] == rec["config"]["limit"]
+    preds = (run_dir / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == rec["n_samples"]
+    return rec
+
+
+def test_default_run(tmp_path):
+    p = run_cli("limit=2", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = check_record(tmp_path, "none")
+    assert rec["flops"]["reduction"] == 0.0
+    assert rec["tokens"]["visual_kept_avg"] == sum(rec["tokens"]["visual_per_sample"]) / 2
+    assert "reduction" in p.stdout and "results.json" in p.stdout and "anls=" in p.stdout
+
+
+def test_fastv_run_with_wandb_offline(tmp_path):
+    p = run_cli("model=tiny", "prune=fastv", "prune.layer=2", "ratio=0.35", "limit=2", "logger=wandb",
+                f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = check_record(tmp_path, "fastv")
+    vis, kept = rec["tokens"]["visual_per_sample"], rec["tokens"]["visual_kept_per_sample"]
+    assert kept == [round(v * 0.35) for v in vis]
+    assert 0.4 < rec["flops"]["reduction"] < 0.8
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert rec["wandb"]["mode"] == "offline"
+
+
+def test_multirun_one_record_per_job(tmp_path):
+    p = run_cli("-m", "prune=none,fastv", "ratio=0.5", "limit=1", f"hydra.sweep.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(d for d in tmp_path.iterdir() if d.is_dir() and (d / "results.json").exists())
+    assert len(jobs) == 2
+    prunes = sorted(json.loads((d / "results.json").read_text())["config"]["prune"]["name"] for d in jobs)
+    assert prunes == ["fastv", "none"]
+    for d in jobs:
+        check_record(d, json.loads((d / "results.json").read_text())["config"]["prune"]["name"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["ratio=0"], "ratio=0 is outside (0, 1]"),
+    (["ratio=1.2"], "ratio=1.2 is outside (0, 1]"),
+    (["prune=fastv", "prune.layer=4"], "prune.layer=4 is outside [1, 3]"),
+    (["prune=fastv", "prune.layer=0"], "prune.layer=0 is outside [1, 3]"),
+    (["prune=fastv", "schedule=at_step", "schedule.step=16"], "schedule.step=16 is outside [0, 15]"),
+    (["prune=fastv", "schedule=at_step"], "schedule=at_step needs schedule.step"),
+    (["task.gen.gen_length=30"], "gen_length=30 must be divisible by task.gen.block_length=32"),
+    (["task.gen.block_length=8", "task.gen.steps=6"], "steps=6 must be divisible by the number of blocks"),
+    (["prune=fastv", "prune.query_set=everything"], "prune.query_set=everything must be one of"),
+    (["model=llada_v"], "model.path"),
+    (["model=llada_v", "model.path=/nonexistent/LLaDA-V"], "/nonexistent/LLaDA-V is not a directory"),
+])
+def test_bad_input_fails_before_loading(tmp_path, args, needle):
+    p = run_cli(*args, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert p.returncode != 0
+    assert needle in p.stderr, p.stderr[-2000:]
+    assert len([ln for ln in p.stderr.strip().splitlines() if ln.startswith("error:")]) == 1
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("group,name", [("prune", "fastvv"), ("model", "llada"), ("task", "docvqa_x"), ("schedule", "late")])
+def test_unknown_names_list_choices(tmp_path, group, name):
+    p = run_cli(f"{group}={name}", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert p.returncode != 0
+    assert f"Could not find '{group}/{name}'" in p.stderr and f"Available options in '{group}'" in p.stderr
+
+
+def test_interrupted_run_leaves_no_results(tmp_path, monkeypatch, tiny_cfg):
+    """A run that dies during evaluation writes neither results.json nor the completion marker."""
+    from dvlm_exp import runner
+
+    def boom(cfg, generator):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "evaluate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(tiny_cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / ".dvlm_complete").exists()
+
+
+def test_help_is_fast_and_lists_groups():
+    p = subprocess.run([sys.executable, "run.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    for g in ("model", "prune", "schedule", "task", "logger"):
+        assert f"{g}:" in p.stdout
