@@ -154,7 +154,9 @@ class MaskedDiffusionSampler:
                 k = k_per_step[i]
                 if k > 0:
                     sel = torch.topk(conf, k=k).indices
-                    ids[sel] = x0[sel]
+                    # As the official loop: a selected slot that is not masked keeps its token
+                    # (possible only after a stop, when fewer masked slots than k remain).
+                    ids[sel] = torch.where(is_mask[sel], x0[sel], ids[sel])
                     if trace is not None:
                         trace.append(sorted(sel.tolist()))
                 seq.response_ids = ids
