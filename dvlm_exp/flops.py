@@ -25,6 +25,12 @@ def layer_flops(n_q: int, n_k: int, dims: dict, convention: str = "exact") -> in
     return 2 * (proj + attn + ffn)
 
 
+def score_rows_flops(n_rows: int, n_keys: int, dims: dict) -> int:
+    """Method overhead of one attention-score request: q·kᵀ for `n_rows` query rows against
+    `n_keys` keys in every head (what `engine.attention.ScoreRequest.compute` records)."""
+    return 2 * dims["heads"] * n_rows * n_keys * dims["head_dim"]
+
+
 def vision_flops(views: int, dims: dict, n_tokens_projected: int | None = None) -> int:
     """SigLIP tower (conv patch embedding + layers) and the 2-layer projector, exact convention."""
     if views == 0:

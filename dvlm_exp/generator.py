@@ -25,7 +25,7 @@ class GenPreset:
     remasking: str = "low_confidence"
     think: str | None = None  # None | "no_think" | "think": suffix appended to the question
     stop: list = field(default_factory=lambda: ["<|eot_id|>"])
-    honor_until: bool = True  # also stop on the task's `until` strings (as the official wrapper)
+    honor_until: bool = False  # also stop on the task's `until` strings (the official wrapper ignores them)
     strip_period: bool = True  # the official wrapper strips one trailing "."
 
     def sampler_config(self) -> SamplerConfig:

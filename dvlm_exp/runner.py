@@ -91,9 +91,14 @@ def task_entry(cfg: DictConfig) -> dict:
         s = t.synthetic
         data = synth_docvqa.ensure(cache_dir() / "data" / f"{t.lmms_task}-n{s.n}-s{s.seed}", n=int(s.n), seed=int(s.seed))
         return synth_docvqa.task_entry(data)
+    # Real benchmarks: the registered lmms-eval task (built-in or dvlm_exp/tasks), re-pointed at a
+    # local mirror of its HF dataset repo when task.dataset_path is set (ecosystem.md §4.2; the
+    # mirror was checked by validate.check_task_data before the model loaded).
     entry = {"task": t.lmms_task}
     if t.get("dataset_path"):
-        entry["dataset_path"] = t.dataset_path
+        import os
+
+        entry["dataset_path"] = os.path.abspath(os.path.expanduser(str(t.dataset_path)))
     return entry
 
 

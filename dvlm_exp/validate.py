@@ -30,7 +30,30 @@ def model_depth(cfg: DictConfig) -> int:
         raise ConfigError(str(e)) from e
 
 
-def check(cfg: DictConfig) -> None:
+def check_task(cfg: DictConfig) -> None:
+    """The task block: prompt variant (task.prompt / task.lmms_tasks) and think mode."""
+    t = cfg.task
+    variants = t.get("lmms_tasks")
+    if variants is not None and t.get("prompt") not in variants:
+        raise ConfigError(f"task.prompt={t.get('prompt')} must be one of {', '.join(variants)} for task={t.name}")
+    think = t.gen.get("think")
+    if think not in (None, "no_think", "think"):
+        raise ConfigError(f"task.gen.think={think} must be null, no_think or think")
+
+
+def check_task_data(cfg: DictConfig) -> None:
+    """Can lmms-eval load the task's data? (dvlm_exp.task_data; fails fast instead of 5 hidden retries)."""
+    from dvlm_exp.task_data import TaskDataError
+    from dvlm_exp.task_data import check_task_data as _check
+
+    try:
+        _check(cfg)
+    except TaskDataError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check(cfg: DictConfig, data: bool = True) -> None:
+    """All checks before weights load; `data=False` skips `check_task_data` (the dataset's reachability)."""
     try:
         PRUNERS.check(cfg.prune.name)
         MODEL_FAMILIES.check(cfg.model.family)
@@ -42,6 +65,7 @@ def check(cfg: DictConfig) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
         raise ConfigError(f"ratio={ratio} is outside (0, 1]: ratio is the fraction of visual tokens kept (e.g. ratio=0.35)")
 
+    check_task(cfg)
     g = cfg.task.gen
     for key in ("gen_length", "block_length", "steps"):
         if not isinstance(g[key], int) or g[key] <= 0:
@@ -82,3 +106,6 @@ def check(cfg: DictConfig) -> None:
 
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit <= 0):
         raise ConfigError(f"limit={cfg.limit} must be a positive integer or null (all samples)")
+
+    if data:
+        check_task_data(cfg)

@@ -1,0 +1,1 @@
+"""LLaDA-V's own DocVQA / InfoVQA tasks ("Answer: X" prompt and parsing)."""
