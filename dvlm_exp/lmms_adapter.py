@@ -3,6 +3,11 @@
 It carries no pruning logic. The runner passes a ready `Generator`; lmms-eval's own CLI
 (`python -m lmms_eval --model dvlm_exp --model_args 'model=tiny,prune=fastv,ratio=0.35'`)
 builds one from Hydra overrides given as model_args.
+
+Visuals: PIL images go to the model as images; strings (lmms-eval video tasks give absolute
+mp4 paths) are videos: `max_frames_num` frames are sampled uniformly (the official LLaDA-V
+wrapper's rule and default, 32; model_arg `max_frames_num=N` or the model's
+`video_max_frames` overrides it) and passed on as `VideoClip`s.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from tqdm import tqdm
 class DvlmLMM(lmms):
     is_simple = True
 
-    def __init__(self, generator=None, progress: bool = True, batch_size=1, device=None, **model_args):
+    def __init__(self, generator=None, progress: bool = True, batch_size=1, device=None,
+                 max_frames_num: int | None = None, **model_args):
         super().__init__()
+        self.max_frames_num = int(max_frames_num) if max_frames_num is not None else None
         if generator is None:
             from dvlm_exp.runner import build_generator, compose_config
 
@@ -31,7 +38,7 @@ class DvlmLMM(lmms):
         for req in tqdm(requests, desc="samples", disable=not self.progress, dynamic_ncols=True):
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
-            images = [v for v in visuals if not isinstance(v, str)]
+            images = self.load_visuals(visuals)
             until = gen_kwargs.get("until") or []
             if isinstance(until, str):
                 until = [until]
@@ -41,6 +48,25 @@ class DvlmLMM(lmms):
                                      "n_visual": rec.n_visual, "latency_s": rec.latency_s,
                                      "nfe": rec.n_forwards})
             out.append(text)
+        return out
+
+    def video_max_frames(self) -> int:
+        from dvlm_exp.models.llada_v import OFFICIAL_MAX_FRAMES_NUM
+
+        if self.max_frames_num is not None:
+            return self.max_frames_num
+        return int(getattr(self.generator.model, "video_max_frames", OFFICIAL_MAX_FRAMES_NUM))
+
+    def load_visuals(self, visuals) -> list:
+        """PIL images stay images; string visuals (video paths) become sampled `VideoClip`s."""
+        from dvlm_exp.models.llada_v import VideoClip, load_video_frames
+
+        out = []
+        for v in visuals or []:
+            if isinstance(v, str):
+                out.append(VideoClip(load_video_frames(v, self.video_max_frames()), path=v))
+            else:
+                out.append(v)
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -133,3 +133,23 @@ def _resized(model, n):
         m.lm_head = head
         _RESIZED[n] = m
     return _RESIZED[n]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fastv_ratio_one_reproduces_official_output(golden_model, case):
+    """Pruning machinery engaged (scores at K-1, gather at K) but keeping every token: the
+    official greedy output must come out unchanged."""
+    from dvlm_exp.pruning.fastv import FastV
+    from dvlm_exp.schedule import FirstStep
+
+    ids, exp, _, img = load_case(case)
+    run = exp["generate_vocab126464"]["g16_b8_s8_lowconf_t0"]
+    p = run["params"]
+    seq, _ = golden_model.prepare(ids, [img], gen_length=p["gen_length"])
+    eng = Engine(golden_model, FastV(ratio=1.0, layer=1, query_set="masked_response"), FirstStep())
+    eng.recorder.start_sample()
+    sampler = MaskedDiffusionSampler(SamplerConfig(gen_length=p["gen_length"], block_length=p["block_length"],
+                                                   steps=p["steps"]), golden_model.banned_ids)
+    out, _ = sampler.generate(eng, seq)
+    assert out == run["output_ids"]
+    assert eng.recorder.current.scoring_flops > 0  # the scoring path really ran

@@ -8,13 +8,23 @@ from config.json and the tensor shapes; the tower is built empty and filled from
 checkpoint (never from the hub). Missing or unexpected keys are an error, listed by name.
 
 The engine uses the parts (`embed_tokens`, `layers`, `norm`, `lm_head`, `rotary_emb`);
-`prepare()` turns a question and images into the engine's `Sequence`.
+`prepare()` turns a question and images (or videos) into the engine's `Sequence`.
+
+Video (the official lmms-eval wrapper + the video branch of `prepare_inputs_labels_for_multimodal`):
+`max_frames_num` (32) frames at `np.linspace(0, total-1, 32, dtype=int)`, each through the
+image preprocessing, tower and projector, bilinear `get_2dPool` (stride 2: 27x27 -> 14x14),
+then `image_newline` placed by `mm_newline_position` ("grid": after each pooled row of every
+frame, 14 * 15 = 210 tokens per frame). The prompt holds ONE `<image>` for the whole video.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -33,6 +43,9 @@ DEFAULT_SPECIAL_IDS = {"bos": 126080, "eos": 126081, "mask": 126336, "start_head
 # SigLIP so400m/14-384 values the official tower hard-codes when no tower config is at hand.
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=384,
               patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+# Official lmms-eval wrapper (`llava_onevision_llada`) defaults for video.
+OFFICIAL_MAX_FRAMES_NUM = 32
+OFFICIAL_VIDEO_POOL_STRIDE = 2
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -285,6 +298,52 @@ class LLaDAV(nn.Module):
             blocks.append(self.encode_views(px)[0])
         return blocks, {"views": len(images)}
 
+    # ------------------------------------------------------------------ video path
+    # Frames sampled per video (the official lmms-eval wrapper's `max_frames_num` default);
+    # set on the instance (or pass max_frames to load_video_frames) to change it.
+    video_max_frames: int = OFFICIAL_MAX_FRAMES_NUM
+    # The official video branch calls `get_2dPool(feat)` with its default stride 2 (the
+    # config's `mm_spatial_pool_stride`, which the wrapper also forces to 2, is not read there).
+    video_pool_stride: int = OFFICIAL_VIDEO_POOL_STRIDE
+
+    @property
+    def video_newline_position(self) -> str:
+        return str(self.config.get("mm_newline_position") or "one_token")
+
+    @property
+    def video_patch_merge_type(self) -> str:
+        return str(self.config.get("mm_patch_merge_type") or "flat")
+
+    @torch.no_grad()
+    def video_features(self, frames) -> torch.Tensor:
+        """Frames ([F,H,W,3] uint8 array/tensor or list of PIL) -> video tokens [N_vis, d].
+
+        Each frame: SigLIP preprocess (as images) -> tower -> projector -> 2x2 bilinear pooling
+        (27x27 -> 14x14) -> newline tokens by `mm_newline_position` (see `pack_video_features`).
+        Frames are used as given (sampling happens in `load_video_frames`).
+        """
+        pils = frames_to_pil(frames)
+        px = torch.stack([llava_image.siglip_preprocess(im, self.image_size) for im in pils])
+        feats = self.encode_views(px)  # [F, 729, d], all frames in one batch as the official code
+        pooled = llava_image.pool_video_frame_features(feats, self.patches_per_side, self.video_pool_stride)
+        return pack_video_features(pooled, self.image_newline, self.video_newline_position,
+                                   self.video_patch_merge_type)
+
+    def num_video_tokens(self, n_frames: int) -> int:
+        return num_video_tokens(n_frames, self.patches_per_side, self.video_pool_stride,
+                                self.video_newline_position, self.video_patch_merge_type)
+
+    def video_blocks(self, videos: list) -> tuple[list[torch.Tensor], dict]:
+        """One [N_vis, d] block per video (paths are loaded with `video_max_frames` frames)."""
+        blocks, n_frames = [], []
+        for v in videos:
+            frames = v.frames if isinstance(v, VideoClip) else (
+                load_video_frames(v, self.video_max_frames) if isinstance(v, (str, Path)) else v)
+            blk = self.video_features(frames)
+            blocks.append(blk)
+            n_frames.append(len(frames))
+        return blocks, {"views": sum(n_frames), "video_frames": n_frames, "modality": "video"}
+
     # ------------------------------------------------------------------ prompt
     def prompt_ids(self, question: str, n_images: int = 1, think: str | None = None) -> list[int]:
         from dvlm_exp.models.tokenizer_tiny import build_llada_v_prompt
@@ -296,12 +355,24 @@ class LLaDAV(nn.Module):
         return build_llada_v_prompt(self.tokenizer, question, image=n_images > 0, think=think)
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned state
-    def prepare(self, prompt_ids: list[int], images: list, gen_length: int) -> tuple[Sequence, dict]:
-        """Splice visual features into the prompt embeddings; append gen_length mask slots."""
+    def prepare(self, prompt_ids: list[int], images: list, gen_length: int,
+                videos: list | None = None) -> tuple[Sequence, dict]:
+        """Splice visual features into the prompt embeddings; append gen_length mask slots.
+
+        Videos come through ``videos=`` or inside ``images`` as `VideoClip` objects or
+        video file paths (str / Path, sampled with `load_video_frames`); a prompt holds
+        either images or videos, one ``-200`` placeholder per visual.
+        """
+        images, videos = split_visuals(images, videos)
         n_ph = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
-        if n_ph != len(images):
+        if videos:  # one placeholder per video (the official wrapper's token_strategy "single")
+            if n_ph != len(videos):
+                raise ValueError(f"prompt has {n_ph} image placeholders but {len(videos)} videos were given")
+            blocks, info = self.video_blocks(videos)
+        elif n_ph != len(images):
             raise ValueError(f"prompt has {n_ph} image placeholders but {len(images)} images were given")
-        blocks, info = self.image_features(images) if images else ([], {"views": 0})
+        else:
+            blocks, info = self.image_features(images) if images else ([], {"views": 0})
         pieces, roles = [], []
         text: list[int] = []
         it = iter(blocks)
@@ -358,3 +429,175 @@ def expand_to_square(img, background=(127, 127, 127)):
     canvas = Image.new(img.mode, (side, side), background)
     canvas.paste(img, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# Video (official: eval/lmms-eval/lmms_eval/models/llava_onevision_llada.py and the video branch
+# of prepare_inputs_labels_for_multimodal in train/llava/model/llava_arch.py)
+# ---------------------------------------------------------------------------------------------
+
+NEWLINE_POSITIONS = ("grid", "frame", "one_token", "no_token")
+
+
+@dataclass
+class VideoClip:
+    """A visual to be treated as a video: sampled frames [F,H,W,3] uint8 (or a list of PIL)."""
+
+    frames: object
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def is_video(v) -> bool:
+    return isinstance(v, (VideoClip, str, Path))
+
+
+def split_visuals(images, videos=None) -> tuple[list, list]:
+    """(images, videos): VideoClip objects and paths inside `images` are videos."""
+    images = list(images or [])
+    videos = list(videos or [])
+    tagged = [v for v in images if is_video(v)]
+    if tagged:
+        videos += tagged
+        images = [v for v in images if not is_video(v)]
+    if images and videos:
+        raise ValueError("a prompt holds either images or videos, not both "
+                         "(the official wrapper decides the modality from the first visual)")
+    return images, videos
+
+
+def sample_frame_indices(total_frames: int, max_frames: int = OFFICIAL_MAX_FRAMES_NUM) -> list[int]:
+    """The official wrapper's rule (`load_video`, decord backend, its default):
+    ``np.linspace(0, total - 1, max_frames, dtype=int)``: always `max_frames` indices, repeats
+    when the video has fewer frames; no fps-based sampling."""
+    if total_frames <= 0:
+        raise ValueError(f"video has no frames (total {total_frames})")
+    if max_frames <= 0:
+        raise ValueError(f"max_frames must be positive, got {max_frames}")
+    return np.linspace(0, total_frames - 1, max_frames, dtype=int).tolist()
+
+
+def _resolve_path(path) -> str:
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    return str(path)
+
+
+def count_video_frames(path) -> int:
+    """Frames a full decode yields (used when the container's frame count is missing or wrong)."""
+    import av
+
+    with av.open(_resolve_path(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def _decode_frames(path: str, wanted: set[int]) -> dict[int, np.ndarray]:
+    import av
+
+    got: dict[int, np.ndarray] = {}
+    last = max(wanted)
+    with av.open(path) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(c.decode(stream)):
+            if i > last:
+                break
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+    return got
+
+
+def load_video_frames(path, max_frames: int = OFFICIAL_MAX_FRAMES_NUM) -> np.ndarray:
+    """Sampled frames [max_frames, H, W, 3] uint8 of a video file, decoded with PyAV.
+
+    Indices follow `sample_frame_indices` (the official decord rule) over the container's frame
+    count, or over a full decode count when the container reports none or too many.
+    """
+    import av
+
+    path = _resolve_path(path)
+    with av.open(path) as c:
+        total = int(c.streams.video[0].frames or 0)
+    if total <= 0:
+        total = count_video_frames(path)
+    idx = sample_frame_indices(total, max_frames)
+    got = _decode_frames(path, set(idx))
+    if len(got) < len(set(idx)):  # metadata over-reported the length: count what decodes
+        total = count_video_frames(path)
+        idx = sample_frame_indices(total, max_frames)
+        got = _decode_frames(path, set(idx))
+    return np.stack([got[i] for i in idx])
+
+
+def frames_to_pil(frames) -> list:
+    """[F,H,W,3] uint8 array/tensor or a sequence of PIL images / HxWx3 arrays -> list of PIL RGB."""
+    from PIL import Image
+
+    if isinstance(frames, VideoClip):
+        frames = frames.frames
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    out = []
+    for f in frames:
+        if isinstance(f, Image.Image):
+            out.append(f)
+            continue
+        f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+        if f.dtype != np.uint8 or f.ndim != 3 or f.shape[-1] != 3:
+            raise ValueError(f"video frames must be HxWx3 uint8, got {f.dtype} {tuple(f.shape)}")
+        out.append(Image.fromarray(f))
+    if not out:
+        raise ValueError("a video needs at least one frame")
+    return out
+
+
+def pack_video_features(pooled: torch.Tensor, newline: torch.Tensor | None,
+                        newline_position: str = "grid", patch_merge_type: str = "spatial_unpad") -> torch.Tensor:
+    """Pooled frame features [F, s*s, C] -> video tokens [N, C] with the official newline rule.
+
+    ``mm_patch_merge_type`` "flat": frames flattened, no newline. "spatial*":
+      grid:      per frame, each of the s rows followed by a newline -> F*s*(s+1)
+      frame:     each frame's s*s tokens followed by one newline -> F*(s*s+1)
+      one_token: all frames, then one newline if "unpad" is in the merge type -> F*s*s (+1)
+      no_token:  all frames flattened -> F*s*s
+    """
+    n_frames, n_tok, C = pooled.shape
+    if patch_merge_type == "flat":
+        return pooled.reshape(-1, C)
+    if not patch_merge_type.startswith("spatial"):
+        raise ValueError(f"unexpected mm_patch_merge_type {patch_merge_type!r}")
+    if newline_position not in NEWLINE_POSITIONS:
+        raise ValueError(f"unexpected mm_newline_position {newline_position!r}")
+    if newline_position == "no_token":
+        return pooled.reshape(-1, C)
+    nl = newline.to(dtype=pooled.dtype, device=pooled.device).reshape(1, C)
+    if newline_position == "one_token":
+        flat = pooled.reshape(-1, C)
+        return torch.cat([flat, nl]) if "unpad" in patch_merge_type else flat
+    if newline_position == "frame":
+        col = nl.reshape(1, 1, C).expand(n_frames, 1, C)
+        return torch.cat([pooled, col], dim=1).reshape(-1, C)
+    side = int(math.isqrt(n_tok))
+    if side * side != n_tok:
+        raise ValueError(f"grid newline needs square frames, got {n_tok} tokens per frame")
+    grid = pooled.reshape(n_frames, side, side, C)
+    col = nl.reshape(1, 1, 1, C).expand(n_frames, side, 1, C)
+    return torch.cat([grid, col], dim=2).reshape(-1, C)
+
+
+def num_video_tokens(n_frames: int, patches_per_side: int = 27, stride: int = OFFICIAL_VIDEO_POOL_STRIDE,
+                     newline_position: str = "grid", patch_merge_type: str = "spatial_unpad") -> int:
+    """Video-token count from sizes alone (same rule as `pack_video_features`)."""
+    side = math.ceil(patches_per_side / stride)
+    per = side * side
+    if patch_merge_type == "flat" or newline_position == "no_token":
+        return n_frames * per
+    if newline_position == "grid":
+        return n_frames * side * (side + 1)
+    if newline_position == "frame":
+        return n_frames * (per + 1)
+    if newline_position == "one_token":
+        return n_frames * per + (1 if "unpad" in patch_merge_type else 0)
+    raise ValueError(f"unexpected mm_newline_position {newline_position!r}")
