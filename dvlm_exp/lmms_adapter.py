@@ -38,7 +38,7 @@ class DvlmLMM(lmms):
         for req in tqdm(requests, desc="samples", disable=not self.progress, dynamic_ncols=True):
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
-            images = self.load_visuals(visuals)
+            images = self.load_visuals(visuals, where=f"{task} doc_id={doc_id}")
             until = gen_kwargs.get("until") or []
             if isinstance(until, str):
                 until = [until]
@@ -57,16 +57,22 @@ class DvlmLMM(lmms):
             return self.max_frames_num
         return int(getattr(self.generator.model, "video_max_frames", OFFICIAL_MAX_FRAMES_NUM))
 
-    def load_visuals(self, visuals) -> list:
-        """PIL images stay images; string visuals (video paths) become sampled `VideoClip`s."""
+    def load_visuals(self, visuals, where: str = "") -> list:
+        """PIL images stay images; string visuals (video paths) become sampled `VideoClip`s.
+        A visual that cannot be decoded is an error naming the sample, never a silent skip."""
         from dvlm_exp.models.llada_v import VideoClip, load_video_frames
 
         out = []
         for v in visuals or []:
-            if isinstance(v, str):
-                out.append(VideoClip(load_video_frames(v, self.video_max_frames()), path=v))
-            else:
-                out.append(v)
+            try:
+                if isinstance(v, str):
+                    out.append(VideoClip(load_video_frames(v, self.video_max_frames()), path=v))
+                else:
+                    v.load()  # PIL decodes lazily: surface a broken file here, with its sample
+                    out.append(v)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise ValueError(f"{where}: visual could not be decoded ({type(e).__name__}: {e}); "
+                                 f"check or re-create the dataset files") from e
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:

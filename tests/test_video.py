@@ -285,3 +285,21 @@ def test_fastv_prunes_video_tokens(tiny_model, clip):
     assert rec.kept_by_step_layer[(0, 1)] == n
     assert rec.kept_by_step_layer[(0, 2)] == round(n * 0.5) == 420
     assert rec.kept_by_step_layer[(3, 0)] == round(n * 0.5)
+
+
+def test_undecodable_image_names_the_sample(tmp_path):
+    """A truncated image file fails with the task and doc id in the message."""
+    import io
+
+    from PIL import Image
+
+    from dvlm_exp.lmms_adapter import DvlmLMM
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="PNG")
+    (tmp_path / "bad.png").write_bytes(buf.getvalue()[:60])
+    broken = Image.open(tmp_path / "bad.png")
+    lm = DvlmLMM.__new__(DvlmLMM)
+    lm.max_frames_num = 4
+    with pytest.raises(ValueError, match=r"docvqa_val doc_id=7: visual could not be decoded"):
+        lm.load_visuals([broken], where="docvqa_val doc_id=7")
