@@ -2,7 +2,8 @@
 
 It carries no pruning logic. The runner passes a ready `Generator`; lmms-eval's own CLI
 (`python -m lmms_eval --model dvlm_exp --model_args 'model=tiny,prune=fastv,ratio=0.35'`)
-builds one from Hydra overrides given as model_args.
+builds one from Hydra overrides given as model_args (and, for the project's synthetic tasks,
+fills in their generated dataset folder: `dvlm_exp.lmms_plugin.fill_synthetic_tasks`).
 
 Visuals: PIL images go to the model as images; strings (lmms-eval video tasks give absolute
 mp4 paths) are videos: `max_frames_num` frames are sampled uniformly (the official LLaDA-V
@@ -25,10 +26,15 @@ class DvlmLMM(lmms):
         super().__init__()
         self.max_frames_num = int(max_frames_num) if max_frames_num is not None else None
         if generator is None:
+            from dvlm_exp.lmms_plugin import fill_synthetic_tasks
             from dvlm_exp.runner import build_generator, compose_config
 
             overrides = [f"{k}={v}" for k, v in model_args.items() if k not in ("max_batch_size",)]
-            generator = build_generator(compose_config(overrides))
+            cfg = compose_config(overrides)
+            generator = build_generator(cfg)
+            if self.max_frames_num is None and (cfg.task.get("video") or {}).get("max_frames"):
+                self.max_frames_num = int(cfg.task.video.max_frames)  # the preset's task.video.max_frames
+            fill_synthetic_tasks(cfg)  # lmms-eval CLI: generated data for the synthetic tasks' placeholder paths
         self.generator = generator
         self.progress = progress
         self.predictions: list[dict] = []

@@ -7,6 +7,7 @@ inside the functions that need them, after the config has been checked.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -15,7 +16,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dvlm_exp import judge as judging
+from dvlm_exp import loyalty
 from dvlm_exp import record as rec_io
+from dvlm_exp import resume
 from dvlm_exp.models.checkpoint import CheckpointError
 from dvlm_exp.paths import cache_dir
 from dvlm_exp.validate import ConfigError, check
@@ -86,11 +90,12 @@ def build_generator(cfg: DictConfig):
 def task_entry(cfg: DictConfig) -> dict:
     t = cfg.task
     if t.get("synthetic") is not None:
-        from dvlm_exp.data import synth_docvqa
+        import importlib
 
-        s = t.synthetic
-        data = synth_docvqa.ensure(cache_dir() / "data" / f"{t.lmms_task}-n{s.n}-s{s.seed}", n=int(s.n), seed=int(s.seed))
-        return synth_docvqa.task_entry(data)
+        s = t.synthetic  # generated on first use by its module's ensure(dir, n, seed) (default: synth_docvqa)
+        data_mod = importlib.import_module(s.get("module") or "dvlm_exp.data.synth_docvqa")
+        data = data_mod.ensure(cache_dir() / "data" / f"{t.lmms_task}-n{s.n}-s{s.seed}", n=int(s.n), seed=int(s.seed))
+        return data_mod.task_entry(data)
     # Real benchmarks: the registered lmms-eval task (built-in or dvlm_exp/tasks), re-pointed at a
     # local mirror of its HF dataset repo when task.dataset_path is set (ecosystem.md §4.2; the
     # mirror was checked by validate.check_task_data before the model loaded).
@@ -102,7 +107,7 @@ def task_entry(cfg: DictConfig) -> dict:
     return entry
 
 
-def evaluate(cfg: DictConfig, generator) -> tuple[dict, list]:
+def evaluate(cfg: DictConfig, generator, predict_only: bool | None = None) -> tuple[dict, list]:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
     from lmms_eval.utils import get_datetime_str
@@ -110,11 +115,14 @@ def evaluate(cfg: DictConfig, generator) -> tuple[dict, list]:
     from dvlm_exp.lmms_adapter import DvlmLMM
     from dvlm_exp.tasks import TASKS_DIR
 
-    lm = DvlmLMM(generator=generator, progress=bool(cfg.get("progress", True)))
+    lm = DvlmLMM(generator=generator, progress=bool(cfg.get("progress", True)),
+                 max_frames_num=(cfg.task.get("video") or {}).get("max_frames"))  # task.video.max_frames
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(cfg.task.get("builtin", False)))
+    if predict_only is None:  # lmms-eval's own judge code without a judge: keep predictions, skip scoring
+        predict_only = judging.lmms_predict_only(cfg)
     res = simple_evaluate(
         model=lm, tasks=[task_entry(cfg)], task_manager=tm, limit=cfg.limit, bootstrap_iters=0,
-        log_samples=True, datetime_str=get_datetime_str(), random_seed=int(cfg.seed),
+        log_samples=True, predict_only=predict_only, datetime_str=get_datetime_str(), random_seed=int(cfg.seed),
         numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed),
     )
     return res, lm.predictions
@@ -152,6 +160,8 @@ def build_record(cfg: DictConfig, generator, res: dict, predictions: list, wall_
         s = lmms_samples.get(p["doc_id"])
         if s is not None:
             p["target"] = s.get("target")
+            if isinstance(s.get("doc"), dict) and s["doc"].get("question") is not None:
+                p["question"] = s["doc"]["question"]  # for scripts/judge.py
             p.update({k.split(",")[0]: v for k, v in s.items() if k in metrics or k.split(",")[0] + ",none" in metrics})
     n = len(samples)
     gen_tokens = sum(s.generated_tokens for s in samples)
@@ -200,13 +210,29 @@ def summary_text(rec: dict, path: Path) -> str:
         f"-> reduction {100 * f['reduction']:.1f}% ({f['convention']})",
         f"  latency   {t['latency_s_per_sample']:.3f} s/sample, {t['tokens_per_s']:.1f} tok/s, NFE {t['nfe']:.1f}",
         f"  visual    {vis_avg:.0f} tokens/sample, {tok['visual_kept_avg']:.0f} kept after pruning",
+        *[ln for ln in (judging.summary_line(rec, Path(path).parent), loyalty.summary_line(rec)) if ln],
         f"  results   {path}",
     ])
+
+
+def baseline_predictions(cfg: DictConfig, generator) -> list[dict]:
+    """The unpruned predictions of cfg's task (dvlm_exp.loyalty): the same task, limit, seed and preset
+    with prune=none, in-process on the already loaded model, lmms-eval predict-only (no judge)."""
+    from dvlm_exp.generator import Generator
+
+    base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    base.prune = OmegaConf.load(CONF_DIR / "prune" / "none.yaml")
+    gen = Generator(generator.model, build_pruner(base), build_schedule(base), generator.preset,
+                    position_ids=base.prune.get("position_ids", "keep"), seed=int(base.seed))
+    with judging.activate(None):
+        _, predictions = evaluate(base, gen, predict_only=True)
+    return predictions
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one job into run_dir; returns the record. Nothing is written unless it completes."""
     check(cfg)
+    judge_cfg = judging.preflight(cfg)  # a configured judge must answer before any weight loads
     sink = None
     exit_code = 1
     try:
@@ -216,13 +242,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             sink = WandbSink(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir)
         t0 = time.perf_counter()
         generator = build_generator(cfg)
-        res, predictions = evaluate(cfg, generator)
+        # per-sample journal: a requeued/resubmitted job continues where it stopped (dvlm_exp.resume)
+        journal = resume.SampleJournal(run_dir, cfg, enabled=bool(cfg.get("resume_cache", True)))
+        journal.attach(generator)
+        with judging.session(cfg, judge_cfg) as judge:
+            res, predictions = evaluate(cfg, generator)
         record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
+        record["judge"] = judging.record_info(cfg, judge_cfg, judge, predictions)  # null: no judge (predict-only)
+        if cfg.get("loyalty"):
+            record["loyalty"] = loyalty.compute(cfg, predictions, lambda: baseline_predictions(cfg, generator))
         if sink is not None:
             sink.log_record(record, predictions)
             record["wandb"] = {"mode": sink.mode, "dir": str(run_dir / "wandb"), "run_id": sink.run.id}
         rec_io.write_atomic(run_dir / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in predictions))
         path = rec_io.write_results(run_dir, record)
+        resume.clear_failed(run_dir)
+        if journal.replayed:
+            print(journal.summary(), flush=True)
+        journal.remove()
         print(summary_text(record, path), flush=True)
         exit_code = 0
         return record
@@ -236,10 +273,50 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    done = resume.completed(run_dir, cfg)
+    if done is not None:  # a re-launched sweep only re-runs unfinished jobs
+        print(f"skip: {run_dir} already complete", flush=True)
+        return _main_metric(done)
+    in_submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    if in_submitit:
+        _limit_threads()
     try:
         record = run(cfg, run_dir)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        resume.write_failed(run_dir, e, cfg)
+        if in_submitit:  # SystemExit would leave submitit without a result: let Hydra mark the job failed
+            resume.exit_nonzero_at_exit()
+            raise
         sys.exit(2)
+    except Exception as e:  # recorded, then re-raised: Hydra reports the job failed, the multirun exits non-zero
+        resume.write_failed(run_dir, e, cfg)
+        if in_submitit:
+            resume.exit_nonzero_at_exit()
+        print(f"error: job failed: {type(e).__name__}: {e} (details: {run_dir / resume.FAILED})", file=sys.stderr, flush=True)
+        raise
+    return _main_metric(record)
+
+
+def _main_metric(record: dict) -> float | None:
     vals = [v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and "stderr" not in k]
     return float(vals[0]) if vals else None
+
+
+def _limit_threads() -> None:
+    """One job per CPU allocation: torch threads = the job's CPUs (SLURM without cgroups/affinity
+    and submitit's local executor would otherwise let every job use every core)."""
+    n = os.environ.get("SLURM_CPUS_PER_TASK")
+    if not n:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            n = HydraConfig.get().launcher.get("cpus_per_task")
+        except Exception:  # noqa: BLE001
+            n = None
+    if not n or int(n) < 1:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(n))

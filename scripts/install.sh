@@ -18,3 +18,8 @@ $PY -m pip install -r requirements.txt "torch==${TORCH_VERSION}" \
   pandas matplotlib tqdm safetensors tokenizers pillow pytest
 $PY -m pip install --no-deps -e .
 $PY -c "import torch, transformers, lmms_eval, hydra, wandb, datasets, pandas; print('dvlm_exp install ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+# Optional: a single-node SLURM cluster on this machine for `hydra/launcher=slurm_dev` (root,
+# Debian/Ubuntu; `make test` starts it by itself when it can, DVLM_SLURM=0 opts out).
+if [ "${DVLM_SLURM:-0}" = 1 ]; then
+  bash scripts/slurm/up.sh
+fi

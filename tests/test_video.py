@@ -287,11 +287,15 @@ def test_fastv_prunes_video_tokens(tiny_model, clip):
     assert rec.kept_by_step_layer[(3, 0)] == round(n * 0.5)
 
 
-def test_undecodable_image_names_the_sample(tmp_path):
-    """A truncated image file fails with the task and doc id in the message."""
+def test_undecodable_image_names_the_sample(tmp_path, monkeypatch):
+    """A truncated image file fails with the task and doc id in the message. (Importing
+    lmms-eval's task module sets PIL's LOAD_TRUNCATED_IMAGES for the whole process, which
+    makes truncated files load padded; the test pins PIL's default.)"""
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
 
     from dvlm_exp.lmms_adapter import DvlmLMM
 

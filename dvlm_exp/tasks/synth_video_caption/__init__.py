@@ -1,0 +1,1 @@
+"""Synthetic video captioning (offline mp4 clips; lexical metrics + optional LLM judge)."""
