@@ -76,16 +76,31 @@ def find_stop(ids: list[int], stop_seqs: list[list[int]], current: int | None) -
     return found
 
 
+def _decode_rows(is_mask: torch.Tensor, limit: int, k: int) -> torch.Tensor:
+    """Answer rows whose argmax and confidence can matter this step.
+
+    Only masked slots before `limit` get a finite confidence, and top-k picks nothing else
+    unless k exceeds their number (after a stop): then every row is decoded. Argmax, float64
+    softmax and noise are per row, so decoding a subset equals decoding all rows and masking.
+    """
+    rows = torch.nonzero(is_mask[:limit]).squeeze(1)
+    if k > rows.numel():
+        rows = torch.arange(is_mask.numel(), device=is_mask.device)
+    return rows
+
+
 class MaskedDiffusionSampler:
     def __init__(self, cfg: SamplerConfig, banned_ids: list[int]):
         cfg.validate()
         self.cfg = cfg
         self.banned_ids = list(banned_ids)
 
-    def _gumbel_argmax(self, logits: torch.Tensor, seq_len: int, answer_offset: int) -> torch.Tensor:
-        """argmax of exp(logits)/(-log u)^T with u drawn as the official code draws it."""
+    def _gumbel_argmax(self, logits: torch.Tensor, rows: torch.Tensor, n_answer: int, seq_len: int,
+                       answer_offset: int) -> torch.Tensor:
+        """argmax of exp(logits)/(-log u)^T for the answer rows `rows` (`logits` holds just those
+        rows), with u drawn for all `n_answer` answer rows as the official code draws it."""
         T = self.cfg.temperature
-        rows, vocab = logits.shape
+        vocab = logits.shape[1]
         if self.cfg.noise == "official":
             # The official code draws (1, seq_len, V) float64 uniforms; skip the rows we do not use.
             skip = answer_offset * vocab
@@ -93,14 +108,16 @@ class MaskedDiffusionSampler:
                 n = min(skip, _NOISE_CHUNK)
                 torch.rand(n, dtype=torch.float64)
                 skip -= n
-            u = torch.rand(rows * vocab, dtype=torch.float64).view(rows, vocab)
-            tail = (seq_len - answer_offset - rows) * vocab
+            u = torch.rand(n_answer * vocab, dtype=torch.float64).view(n_answer, vocab)
+            tail = (seq_len - answer_offset - n_answer) * vocab
             while tail > 0:
                 n = min(tail, _NOISE_CHUNK)
                 torch.rand(n, dtype=torch.float64)
                 tail -= n
         else:
-            u = torch.rand(rows, vocab, dtype=torch.float64)
+            u = torch.rand(n_answer, vocab, dtype=torch.float64)
+        if rows.numel() != n_answer:
+            u = u[rows]
         noisy = logits.to(torch.float64).exp() / (-torch.log(u)) ** T
         return noisy.argmax(dim=-1)
 
@@ -128,9 +145,10 @@ class MaskedDiffusionSampler:
                     break
                 if not bool(is_mask[lo:hi].any()):
                     break
-                rows = torch.arange(G, device=ids.device)
                 seq_len_before = seq.length
-                out = engine.forward(seq, step, rows)
+                # LM-head rows for every answer slot: on CPU BLAS, fewer rows can round
+                # differently (and cost about the same: the head streams the whole weight).
+                out = engine.forward(seq, step, torch.arange(G, device=ids.device))
                 if out.keep is not None:
                     seq = seq.keep_prompt(out.keep)
                 logits = out.logits  # [G, V]
@@ -139,19 +157,25 @@ class MaskedDiffusionSampler:
                     col = logits[:, banned]
                     logits[:, banned] = torch.where(is_mask[:, None], torch.full_like(col, -torch.inf), col)
                 answer_offset = seq_len_before - G
-                if cfg.temperature > 0:
-                    x0 = self._gumbel_argmax(logits, seq_len_before, answer_offset)
-                else:
-                    x0 = logits.argmax(dim=-1)
-                if cfg.remasking == "low_confidence":
-                    p = torch.softmax(logits.to(torch.float64), dim=-1)
-                    conf = torch.gather(p, -1, x0[:, None]).squeeze(-1)
-                else:
-                    conf = torch.rand((1, seq_len_before), device=ids.device)[0, answer_offset:].to(torch.float64)
                 limit = stop_pos if stop_pos is not None else hi
+                k = k_per_step[i]
+                rows = _decode_rows(is_mask, limit, k)
+                logits_rows = logits if rows.numel() == G else logits[rows]
+                if cfg.temperature > 0:
+                    x0_rows = self._gumbel_argmax(logits_rows, rows, G, seq_len_before, answer_offset)
+                else:
+                    x0_rows = logits_rows.argmax(dim=-1)
+                if cfg.remasking == "low_confidence":
+                    p = torch.softmax(logits_rows.to(torch.float64), dim=-1)
+                    conf_rows = torch.gather(p, -1, x0_rows[:, None]).squeeze(-1)
+                else:
+                    conf_rows = torch.rand((1, seq_len_before), device=ids.device)[0, answer_offset:][rows].to(torch.float64)
+                x0 = ids.clone()
+                x0[rows] = x0_rows
+                conf = torch.full((G,), -torch.inf, dtype=torch.float64, device=ids.device)
+                conf[rows] = conf_rows
                 conf[limit:] = -torch.inf
                 conf = torch.where(is_mask, conf, torch.full_like(conf, -torch.inf))
-                k = k_per_step[i]
                 if k > 0:
                     sel = torch.topk(conf, k=k).indices
                     # As the official loop: a selected slot that is not masked keeps its token

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -135,7 +136,11 @@ def sync(device):
 
 
 def run_once(model, seq0, sampler, pruner, schedule, seed):
-    """One generate call on a fresh copy of the prompt state: (seconds, SampleRecord, answer ids)."""
+    """One generate call on a fresh copy of the prompt state: (seconds, SampleRecord, answer ids).
+
+    Also sets `cpu_util` on the record: CPU seconds of this process per wall second and
+    thread. Well below 1 means other processes took the cores; the wall time is then
+    inflated, and more so for runs made of smaller ops (the pruned ones)."""
     import torch
 
     from dvlm_exp.engine import Engine
@@ -146,11 +151,13 @@ def run_once(model, seq0, sampler, pruner, schedule, seed):
     rec = engine.recorder.start_sample()
     torch.manual_seed(seed)
     sync(model.device)
-    t0 = time.perf_counter()
+    c0, t0 = os.times(), time.perf_counter()
     ids, _ = sampler.generate(engine, seq)
     sync(model.device)
     rec.latency_s = time.perf_counter() - t0
+    c1 = os.times()
     rec.output_ids = ids
+    rec.cpu_util = (c1.user - c0.user + c1.system - c0.system) / (rec.latency_s * torch.get_num_threads())
     return rec.latency_s, rec, ids
 
 
@@ -242,7 +249,7 @@ def main(argv=None) -> int:
     cfgs = configs(args)
     dev = model.device
 
-    results = {name: {"times": [], "scoring_s": []} for name, _, _ in cfgs}
+    results = {name: {"times": [], "scoring_s": [], "cpu_util": []} for name, _, _ in cfgs}
     for name, pruner, schedule in cfgs:  # warmup (and the run whose recorder we account)
         peak_memory_mb(dev, reset=True)
         for _ in range(max(1, args.warmup)):
@@ -258,6 +265,7 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"{name}: output changed between repetitions")
             r["times"].append(t)
             r["scoring_s"].append(rec.scoring_s)
+            r["cpu_util"].append(rec.cpu_util)
 
     base_name = cfgs[0][0]
     t_base = statistics.median(results[base_name]["times"])
@@ -275,6 +283,7 @@ def main(argv=None) -> int:
             "median_s": round(t, 4),
             "min_s": round(min(r["times"]), 4),
             "times_s": [round(x, 4) for x in r["times"]],
+            "cpu_util": [round(x, 2) for x in r["cpu_util"]],
             "speedup_measured": round(measured, 4),
             "speedup_flops": round(predicted, 4),
             "ratio": round(measured / predicted, 4),
@@ -298,12 +307,13 @@ def main(argv=None) -> int:
           f" | prompt {seq0.prompt_len0} tokens ({args.n_visual} visual) + {args.gen} answer slots,"
           f" block {args.block}, steps {args.steps} | device {dev}, threads {torch.get_num_threads()}"
           f" | reps {args.reps} after {args.warmup} warmup | build {t_build:.1f}s")
-    hdr = f"{'config':<24}{'median s':>10}{'speedup':>9}{'FLOPs x':>9}{'ratio':>8}{'GFLOPs':>10}{'NFE':>5}{'score ms':>10}{'peak MB':>9}"
+    hdr = f"{'config':<24}{'median s':>10}{'min s':>8}{'cpu util':>9}{'speedup':>9}{'FLOPs x':>9}{'ratio':>8}{'GFLOPs':>10}{'NFE':>5}{'score ms':>10}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
     for row in rows:
         mem = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}"
-        print(f"{row['config']:<24}{row['median_s']:>10.3f}{row['speedup_measured']:>9.3f}{row['speedup_flops']:>9.3f}"
+        util = statistics.median(row["cpu_util"]) if row["cpu_util"] else float("nan")
+        print(f"{row['config']:<24}{row['median_s']:>10.3f}{row['min_s']:>8.3f}{util:>9.2f}{row['speedup_measured']:>9.3f}{row['speedup_flops']:>9.3f}"
               f"{row['ratio']:>8.3f}{row['gflops']:>10.2f}{row['nfe']:>5}{row['scoring_ms']:>10.2f}{mem:>9}")
     if args.profile:
         print("\nper-part wall time of one run (ms):")

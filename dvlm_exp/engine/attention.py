@@ -9,6 +9,7 @@ from the stock SDPA function. Only layers that receive a `dvlm_score` request pa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,8 @@ class ScoreRequest:
 
     `query_index` selects query positions of the current sequence. The result `column_mean`
     is the attention each key receives, averaged over heads and over the selected queries
-    (FastV / RedVTP's `mean_softmax` aggregation). `flops` counts the extra work.
+    (FastV / RedVTP's `mean_softmax` aggregation). `flops` counts the extra work and
+    `seconds` its wall time.
     """
 
     query_index: torch.Tensor
@@ -35,10 +37,12 @@ class ScoreRequest:
     flops: int = 0
     n_rows: int = 0
     n_keys: int = 0
+    seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def compute(self, query: torch.Tensor, key: torch.Tensor, scaling: float, n_groups: int) -> None:
         # query [1, h, n, dh] (post-RoPE), key [1, h_kv, n, dh]
+        t0 = time.perf_counter()
         key = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
         rows = query[0, :, self.query_index].float()  # [h, r, dh]
         h, r, dh = rows.shape
@@ -52,6 +56,9 @@ class ScoreRequest:
         self.column_mean = total / (h * r)
         self.n_rows, self.n_keys = r, n
         self.flops = 2 * h * r * n * dh  # q·kᵀ for the requested rows only
+        if key.is_cuda:
+            torch.cuda.synchronize(key.device)  # once per decision: keeps `seconds` honest
+        self.seconds = time.perf_counter() - t0
 
 
 def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
