@@ -125,8 +125,9 @@ _HEAD_CHUNK_MAX_ROWS = 64
 
 
 def _lm_head(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-2] > _HEAD_CHUNK_MAX_ROWS:
-        return head(x)
+    if (type(head) is not torch.nn.Linear or x.device.type != "cpu" or x.dtype != torch.float32
+            or x.shape[-2] > _HEAD_CHUNK_MAX_ROWS):
+        return head(x)  # a wrapped or custom head runs as itself
     w, b = head.weight, head.bias
     return torch.cat([F.linear(x, w[i : i + _HEAD_CHUNK], None if b is None else b[i : i + _HEAD_CHUNK])
                       for i in range(0, w.shape[0], _HEAD_CHUNK)], dim=-1)
