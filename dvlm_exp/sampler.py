@@ -134,6 +134,9 @@ class MaskedDiffusionSampler:
         ids = seq.response_ids.clone()
         seq.response_ids = ids
         mask_id = seq.mask_id
+        if hasattr(engine, "begin_sample"):
+            engine.begin_sample(cfg.steps)
+        wants_conf = getattr(engine, "wants_confidence", False)
         for b in range(cfg.num_blocks):
             lo, hi = b * cfg.block_length, (b + 1) * cfg.block_length
             if stop_pos is not None and stop_pos <= lo:
@@ -150,7 +153,7 @@ class MaskedDiffusionSampler:
                 # differently (and cost about the same: the head streams the whole weight).
                 out = engine.forward(seq, step, torch.arange(G, device=ids.device))
                 if out.keep is not None:
-                    seq = seq.keep_prompt(out.keep)
+                    seq = seq.keep_prompt(out.keep, getattr(out, "embeds", None))
                 logits = out.logits  # [G, V]
                 if self.banned_ids:
                     banned = torch.tensor(self.banned_ids, device=logits.device)
@@ -184,6 +187,14 @@ class MaskedDiffusionSampler:
                     if trace is not None:
                         trace.append(sorted(sel.tolist()))
                 seq.response_ids = ids
+                if wants_conf and rows.numel():
+                    c = (conf_rows if cfg.remasking == "low_confidence" and cfg.temperature == 0
+                         else torch.softmax(logits_rows.to(torch.float64), dim=-1).amax(-1))
+                    engine.observe(step, float(c.mean()))
+                if hasattr(engine, "after_step"):
+                    upd = engine.after_step(seq, step)
+                    if upd is not None:
+                        seq = seq.keep_prompt(*upd)
                 step += 1
                 if stop_seqs:
                     stop_pos = find_stop(ids.tolist(), stop_seqs, stop_pos)

@@ -85,27 +85,54 @@ def check(cfg: DictConfig, data: bool = True) -> None:
         if not isinstance(s, int) or not (0 <= s < g.steps):
             raise ConfigError(f"schedule.step={s} is outside [0, {g.steps - 1}]: the run has task.gen.steps={g.steps} denoising steps")
 
-    if cfg.prune.get("position_ids", "keep") not in ("keep", "renumber"):
-        raise ConfigError(f"prune.position_ids={cfg.prune.position_ids} must be keep or renumber")
-    if cfg.prune.name != "none":
-        depth = model_depth(cfg)
-        layer = cfg.prune.layer
-        lo = 1 if cfg.prune.name == "fastv" else 0
-        if not isinstance(layer, int) or not (lo <= layer <= depth - 1):
-            raise ConfigError(
-                f"prune.layer={layer} is outside [{lo}, {depth - 1}] for model={cfg.model.name} ({depth} decoder layers)"
-            )
-        if cfg.prune.name == "fastv":
-            qs = cfg.prune.get("query_set")
-            from dvlm_exp.pruning.fastv_queries import QUERY_SETS
-
-            if qs not in QUERY_SETS:
-                raise ConfigError(f"prune.query_set={qs} must be one of {', '.join(QUERY_SETS)}")
-    elif cfg.model.get("tiny") is None:
+    _check_schedule(cfg, g)
+    if cfg.model.get("tiny") is None:
         model_depth(cfg)  # checks model.path before anything loads
+    _check_prune(cfg)
 
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit <= 0):
         raise ConfigError(f"limit={cfg.limit} must be a positive integer or null (all samples)")
 
     if data:
         check_task_data(cfg)
+
+
+def _check_schedule(cfg: DictConfig, g) -> None:
+    sc = cfg.schedule
+    persist = sc.get("persist")
+    if persist is not None and persist not in ("state", "replay", "none"):
+        raise ConfigError(f"schedule.persist={persist} must be state, replay or none")
+    for key in ("frac",):
+        if key in sc and not (isinstance(sc[key], (int, float)) and 0.0 <= float(sc[key]) < 1.0):
+            raise ConfigError(f"schedule.{key}={sc[key]} must be a fraction in [0, 1) of task.gen.steps={g.steps}")
+    if "fracs" in sc:
+        fr = list(sc.fracs)
+        if not fr or any(not isinstance(f, (int, float)) or not 0.0 <= f < 1.0 for f in fr) or fr != sorted(set(fr)):
+            raise ConfigError(f"schedule.fracs={fr} must be increasing fractions in [0, 1)")
+    if "threshold" in sc and not (isinstance(sc.threshold, (int, float)) and 0.0 < float(sc.threshold) <= 1.0):
+        raise ConfigError(f"schedule.threshold={sc.threshold} must be in (0, 1]: a mean answer-token probability")
+    if "start" in sc and not (isinstance(sc.start, int) and 0 <= sc.start < g.steps):
+        raise ConfigError(f"schedule.start={sc.start} is outside [0, {g.steps - 1}]")
+
+
+def _check_prune(cfg: DictConfig) -> None:
+    from dvlm_exp.pruning.specs import COMMON_CHOICES, SPECS
+
+    p = cfg.prune
+    spec = SPECS.get(p.name, {"layers": {}, "choices": {}})
+    for key, allowed in {**COMMON_CHOICES, **spec["choices"]}.items():
+        if key in p and p[key] not in allowed:
+            raise ConfigError(f"prune.{key}={p[key]} must be one of {', '.join(map(str, allowed))}")
+    if not spec["layers"]:
+        return
+    depth = model_depth(cfg)
+    for key, lo in spec["layers"].items():
+        if key not in p:
+            continue
+        val = p[key]
+        vals = list(val) if OmegaConf.is_list(val) or isinstance(val, (list, tuple)) else [val]
+        for v in vals:
+            if not isinstance(v, int) or isinstance(v, bool) or not (lo <= v <= depth - 1):
+                raise ConfigError(
+                    f"prune.{key}={val} is outside [{lo}, {depth - 1}] for model={cfg.model.name} ({depth} decoder layers)"
+                )

@@ -29,19 +29,29 @@ class ScoreRequest:
     `query_index` selects query positions of the current sequence. The result `column_mean`
     is the attention each key receives, averaged over heads and over the selected queries
     (FastV / RedVTP's `mean_softmax` aggregation). `flops` counts the extra work and
-    `seconds` its wall time.
+    `seconds` its wall time. Options keep more, for methods that need it:
+      keep_rows   `rows`  [r, n]     head-mean probabilities of each requested row (RedVTP)
+      keep_heads  `heads` [h, r, n]  per-head probabilities (SparseVLM v2 head choice, VisiPruner)
+      keep_values `values` [h, n, dh] the layer's value vectors, KV heads repeated (VisiPruner)
     """
 
     query_index: torch.Tensor
+    keep_rows: bool = False
+    keep_heads: bool = False
+    keep_values: bool = False
     column_mean: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     flops: int = 0
     n_rows: int = 0
     n_keys: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
-    def compute(self, query: torch.Tensor, key: torch.Tensor, scaling: float, n_groups: int) -> None:
-        # query [1, h, n, dh] (post-RoPE), key [1, h_kv, n, dh]
+    def compute(self, query: torch.Tensor, key: torch.Tensor, scaling: float, n_groups: int,
+                value: torch.Tensor | None = None) -> None:
+        # query [1, h, n, dh] (post-RoPE), key / value [1, h_kv, n, dh]
         t0 = time.perf_counter()
         key = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
         rows = query[0, :, self.query_index].float()  # [h, r, dh]
@@ -49,11 +59,22 @@ class ScoreRequest:
         n = key.shape[1]
         total = torch.zeros(n, dtype=torch.float32, device=key.device)
         chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, h * n))
+        keep_rows, keep_heads = [], []
         for s in range(0, r, chunk):
             logits = torch.matmul(rows[:, s : s + chunk], key.transpose(1, 2)) * scaling  # [h, c, n]
             probs = torch.softmax(logits, dim=-1)
             total += probs.sum(dim=(0, 1))
+            if self.keep_rows:
+                keep_rows.append(probs.mean(0))
+            if self.keep_heads:
+                keep_heads.append(probs)
         self.column_mean = total / (h * r)
+        if self.keep_rows:
+            self.rows = torch.cat(keep_rows) if keep_rows else total.new_zeros(0, n)
+        if self.keep_heads:
+            self.heads = torch.cat(keep_heads, dim=1) if keep_heads else total.new_zeros(h, 0, n)
+        if self.keep_values and value is not None:
+            self.values = repeat_kv(value, n_groups)[0].float()
         self.n_rows, self.n_keys = r, n
         self.flops = 2 * h * r * n * dh  # q·kᵀ for the requested rows only
         if key.is_cuda:
@@ -65,7 +86,7 @@ def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     request: ScoreRequest | None = kwargs.pop("dvlm_score", None)
     if request is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        request.compute(query, key, scale, getattr(module, "num_key_value_groups", 1))
+        request.compute(query, key, scale, getattr(module, "num_key_value_groups", 1), value)
     # Bidirectional: never let SDPA build a causal mask.
     kwargs["is_causal"] = False
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

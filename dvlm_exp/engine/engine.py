@@ -1,41 +1,92 @@
 """The engine owns the decoder layer loop; pruning happens here and only here.
 
 Models expose parts (token embedding, decoder layers, final norm, LM head, rotary
-embedding); methods say which visual tokens to keep. The engine runs one forward over a
-`Sequence`, asks the method for attention rows at layer K-1 and for the kept visual indices
-at layer K, gathers hidden states and rotary embeddings, and records what ran.
+embedding); methods say which visual tokens to keep. Per forward the engine shows the active
+method a `View` before every layer: the method may ask for attention rows of that layer
+(`score_request`), take a `Decision` (keep / merge visual tokens: the engine gathers hidden
+states and rotary embeddings), or let visual tokens bypass the layer (`skips_visual`).
+After the sampler has unmasked, `after_step` lets a method prune the persistent state
+(RedVTP). The schedule says at which steps a method acts and how its decisions persist:
+  state   the kept (and merged) prompt tokens become the state: later steps run shortened
+          in every layer (LLaDA-FastV, RedVTP, the dMLLM study's ports)
+  replay  later steps re-apply the same decisions at the same layers (AR-prefill-like)
+  none    nothing persists: each acting step selects from the full set (every_step)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from dvlm_exp.engine.attention import ScoreRequest
 from dvlm_exp.engine.recorder import Recorder
-from dvlm_exp.engine.state import Roles, Sequence
+from dvlm_exp.engine.state import Decision, Roles, Sequence
+
+PERSIST_MODES = ("state", "replay", "none")
 
 
 @dataclass
 class ForwardOut:
     logits: torch.Tensor  # [rows, V] float32
     keep: torch.Tensor | None  # sorted indices into the input prompt when tokens were dropped
+    embeds: torch.Tensor | None = None  # merged input embeddings of the kept prompt tokens
 
 
 @dataclass
-class PrunePlan:
-    """A pruning decision to take inside this forward (built from method + schedule)."""
+class View:
+    """What a method sees before layer `layer` of the forward at global step `step`.
 
-    method: object  # dvlm_exp.pruning.base.PruneMethod
-    layer: int  # K: first layer that sees the pruned sequence
+    `hidden` [1, n, d] are the current hidden states (read only); `embeds0` [n, d] the input
+    embeddings of the same tokens; `roles` / `positions` (original indices) per token;
+    `scores` maps layer -> ScoreRequest answered in this forward (and, in `after_step`, the
+    forward just run). `layer == n_layers` after the last layer. `ratio` is the keep ratio the
+    schedule gives this step; `k()` turns it into a count of the sample's original visual tokens.
+    """
+
+    step: int
+    layer: int
+    n_layers: int
+    seq: Sequence
+    roles: torch.Tensor
+    positions: torch.Tensor
+    hidden: torch.Tensor | None
+    embeds0: torch.Tensor
+    ratio: float
+    acting: bool
+    scores: dict = field(default_factory=dict)
+    merged: bool = False  # a merge happened in this forward (embeds0 holds merged rows)
+    last_keep: torch.Tensor | None = None  # the last decision's gather indices
+
+    @property
+    def visual_index(self) -> torch.Tensor:
+        return torch.nonzero(self.roles == Roles.VISUAL).squeeze(1)
+
+    @property
+    def n_visual(self) -> int:
+        return int((self.roles == Roles.VISUAL).sum())
+
+    @property
+    def response_index(self) -> torch.Tensor:
+        return torch.nonzero(self.roles == Roles.RESPONSE).squeeze(1)
+
+    def masked_response_index(self) -> torch.Tensor:
+        """Positions (in the current sequence) of response slots still masked."""
+        resp = self.response_index
+        return resp[self.seq.is_mask.to(resp.device)]
+
+    def k(self, ratio: float | None = None, rounding: str = "round") -> int:
+        from dvlm_exp.pruning.base import keep_count
+
+        r = self.ratio if ratio is None else ratio
+        return min(self.n_visual, keep_count(self.seq.n_visual0, r, rounding))
 
 
 class Engine:
     def __init__(self, model, pruner=None, schedule=None, recorder: Recorder | None = None,
-                 position_ids: str = "keep"):
+                 position_ids: str = "keep", persist: str | None = None):
         if position_ids not in ("keep", "renumber"):
             raise ValueError(f"position_ids must be 'keep' or 'renumber', got {position_ids!r}")
         self.model = model
@@ -43,14 +94,42 @@ class Engine:
         self.schedule = schedule
         self.recorder = recorder or Recorder()
         self.position_ids = position_ids
+        self.persist = persist or getattr(schedule, "persist", "state")
+        if self.persist not in PERSIST_MODES:
+            raise ValueError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
+        self._replay: list[tuple[int, Decision]] = []
+        self._last_scores: dict = {}
+        self._total_steps = 0
 
     # ------------------------------------------------------------------ helpers
-    def plan_for(self, step: int) -> PrunePlan | None:
-        if self.pruner is None or not self.pruner.active or self.schedule is None:
-            return None
-        if not self.schedule.acts_at(step):
-            return None
-        return PrunePlan(self.pruner, self.pruner.layer)
+    @property
+    def method(self):
+        p = self.pruner
+        return p if p is not None and getattr(p, "active", True) and self.schedule is not None else None
+
+    def begin_sample(self, total_steps: int) -> None:
+        """Reset per-sample state (replayed decisions, schedule triggers)."""
+        self._replay = []
+        self._last_scores = {}
+        self._total_steps = int(total_steps)
+        if self.schedule is not None and hasattr(self.schedule, "begin"):
+            self.schedule.begin(self._total_steps)
+        if self.method is not None and hasattr(self.method, "begin_sample"):
+            self.method.begin_sample()
+
+    @property
+    def wants_confidence(self) -> bool:
+        return self.method is not None and hasattr(self.schedule, "observe")
+
+    def observe(self, step: int, confidence: float) -> None:
+        """The sampler's per-step signal (mean top-1 probability of the still-masked slots)."""
+        if self.schedule is not None and hasattr(self.schedule, "observe"):
+            self.schedule.observe(step, confidence)
+
+    def _ratio(self, step: int) -> float:
+        base = float(getattr(self.pruner, "ratio", 1.0))
+        f = getattr(self.schedule, "ratio_at", None)
+        return base if f is None else float(f(step, base))
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         return self.model.rotary_emb(hidden, positions[None])
@@ -61,7 +140,7 @@ class Engine:
 
         `response_rows`: offsets into the response whose logits are needed (None: every row
         of the sequence, for tests and analysis). Returns float32 logits for those rows and,
-        when tokens were dropped, the kept prompt indices (for persistent pruning).
+        when the decisions persist as state, the kept prompt indices (and merged embeddings).
         """
         m = self.model
         rec = self.recorder
@@ -69,40 +148,63 @@ class Engine:
         resp_embeds = m.embed_tokens(seq.response_ids)
         hidden = torch.cat([seq.prompt_embeds, resp_embeds.to(seq.prompt_embeds.dtype)])[None]
         roles = seq.all_roles()
-        positions = seq.all_positions() if self.position_ids == "keep" else torch.arange(seq.length, device=dev)
-        cos_sin = self._rotary(hidden, positions)
+        positions = seq.all_positions()
+        n_in = hidden.shape[1]
+        idx = torch.arange(n_in, device=dev)  # current token -> index in this forward's input
+        cos_sin = self._rotary(hidden, positions if self.position_ids == "keep" else idx)
 
-        plan = self.plan_for(step)
-        keep_prompt = None
-        request = None
-        n_vis = int((roles == Roles.VISUAL).sum())
+        method = self.method
+        acting = method is not None and self.schedule.acts_at(step)
+        if acting and self.persist == "replay":
+            self._replay = []
+        replay = self._replay if (method is not None and not acting and self.persist == "replay") else []
+        view = View(step=step, layer=0, n_layers=len(m.layers), seq=seq, roles=roles, positions=positions,
+                    hidden=hidden, embeds0=hidden[0], ratio=self._ratio(step), acting=acting)
+        if acting and hasattr(method, "begin_forward"):
+            method.begin_forward(view)
+        pruned = False
         for li, layer in enumerate(m.layers):
-            if plan is not None and li == plan.layer:
+            view.layer, view.hidden = li, hidden
+            decisions = []
+            if acting:
                 t0 = time.perf_counter()
-                keep_vis = plan.method.select(
-                    n_visual=n_vis, scores=None if request is None else request.column_mean[roles == Roles.VISUAL]
-                )
-                keep_all = _merge_keep(roles, keep_vis)
-                hidden = hidden[:, keep_all]
-                roles = roles[keep_all]
-                if self.position_ids == "keep":
-                    cos_sin = (cos_sin[0][:, keep_all], cos_sin[1][:, keep_all])
-                else:
-                    cos_sin = self._rotary(hidden, torch.arange(hidden.shape[1], device=dev))
-                n_prompt = seq.prompt_embeds.shape[0]
-                keep_prompt = keep_all[keep_all < n_prompt]
-                n_vis = int((roles == Roles.VISUAL).sum())
+                d = method.decide(view)
                 rec.current.scoring_s += time.perf_counter() - t0
-            request = None
-            if plan is not None and plan.method.needs_attention and li == plan.layer - 1:
-                request = ScoreRequest(plan.method.query_index(roles, seq))
+                if d is not None:
+                    decisions.append(d)
+                    if self.persist == "replay":
+                        self._replay.append((li, d))
+            else:
+                decisions += [d for (l, d) in replay if l == li]
+            for d in decisions:
+                t0 = time.perf_counter()
+                hidden, view = self._apply(d, hidden, view)
+                idx = idx[view.last_keep]
+                cos_sin = ((cos_sin[0][:, view.last_keep], cos_sin[1][:, view.last_keep])
+                           if self.position_ids == "keep"
+                           else self._rotary(hidden, torch.arange(hidden.shape[1], device=dev)))
+                pruned = True
+                rec.current.scoring_s += time.perf_counter() - t0
+            request = method.score_request(view) if acting else None
+            skip = method is not None and method.skips_visual(view)
+            n_vis = view.n_visual
+            if skip and n_vis:
+                sub = torch.nonzero(view.roles != Roles.VISUAL).squeeze(1)
+                out = layer(hidden[:, sub], attention_mask=None,
+                            position_embeddings=(cos_sin[0][:, sub], cos_sin[1][:, sub]))
+                hidden = hidden.clone()
+                hidden[:, sub] = out
+                rec.layer(step, li, sub.numel(), sub.numel(), 0)
+                continue
             kwargs = {"dvlm_score": request} if request is not None else {}
             hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, **kwargs)
             if request is not None:
                 rec.current.scoring_flops += request.flops
                 rec.current.scoring_s += request.seconds
+                view.scores[li] = request
             n = hidden.shape[1]
             rec.layer(step, li, n, n, n_vis)
+        self._last_scores = view.scores
 
         if response_rows is None:
             rows = torch.arange(hidden.shape[1], device=dev)
@@ -113,7 +215,71 @@ class Engine:
         n_rows = int(rows.numel())
         baseline_rows = seq.full_length if response_rows is None else n_rows
         rec.forward(seq.full_length, n_rows, baseline_rows)
-        return ForwardOut(logits=logits, keep=keep_prompt)
+        keep = embeds = None
+        if pruned and acting and self.persist == "state":
+            n_prompt = seq.prompt_embeds.shape[0]
+            sel = idx < n_prompt
+            keep = idx[sel]
+            if view.merged:
+                embeds = view.embeds0[: int(sel.sum())]
+        return ForwardOut(logits=logits, keep=keep, embeds=embeds)
+
+    def _apply(self, d: Decision, hidden: torch.Tensor, view: View):
+        """Gather (and merge) the current tokens by a Decision; returns new hidden and view."""
+        vis = view.visual_index
+        keep = d.keep.to(vis.device)
+        merged = view.merged
+        emb0 = view.embeds0
+        if d.merges:
+            hidden = hidden.clone()
+            hidden[0] = _merge_rows(hidden[0], vis, d)
+            emb0 = _merge_rows(emb0, vis, d)
+            merged = True
+        keep_all = _merge_keep(view.roles, keep)
+        hidden = hidden[:, keep_all]
+        nv = View(step=view.step, layer=view.layer, n_layers=view.n_layers, seq=view.seq,
+                  roles=view.roles[keep_all], positions=view.positions[keep_all], hidden=hidden,
+                  embeds0=emb0[keep_all], ratio=view.ratio, acting=view.acting, scores=view.scores,
+                  merged=merged, last_keep=keep_all)
+        return hidden, nv
+
+    def after_step(self, seq: Sequence, step: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """After the sampler's unmasking at `step`: a method may prune the persistent state
+        (RedVTP). Returns (kept prompt indices, merged embeddings or None), or None."""
+        method = self.method
+        if method is None or not self.schedule.acts_at(step) or not hasattr(method, "after_step"):
+            return None
+        t0 = time.perf_counter()
+        roles = seq.all_roles()
+        emb0 = torch.cat([seq.prompt_embeds, self.model.embed_tokens(seq.response_ids).to(seq.prompt_embeds.dtype)])
+        view = View(step=step, layer=len(self.model.layers), n_layers=len(self.model.layers), seq=seq, roles=roles,
+                    positions=seq.all_positions(), hidden=None, embeds0=emb0, ratio=self._ratio(step),
+                    acting=True, scores=self._last_scores)
+        d = method.after_step(view)
+        result = None
+        if d is not None:
+            _, nv = self._apply(d, emb0[None], view)
+            n_prompt = seq.prompt_embeds.shape[0]
+            keep_all = nv.last_keep
+            sel = keep_all < n_prompt
+            keep = keep_all[sel]
+            result = (keep, nv.embeds0[: int(sel.sum())] if nv.merged else None)
+        self.recorder.current.scoring_s += time.perf_counter() - t0
+        return result
+
+
+def _merge_rows(x: torch.Tensor, vis: torch.Tensor, d: Decision) -> torch.Tensor:
+    """x [n, d]: kept visual rows become weighted means of themselves and what folds into them."""
+    kept_rows = vis[d.keep.to(vis.device)]
+    kw = (torch.ones(kept_rows.numel(), device=x.device) if d.keep_w is None else d.keep_w.to(x.device)).float()
+    w = d.merge_w.to(x.device).float() if d.merge_w is not None else torch.ones(d.merge_src.numel(), device=x.device)
+    dst = d.merge_dst.to(x.device)
+    num = x[kept_rows].float() * kw[:, None]
+    num.index_add_(0, dst, x[vis[d.merge_src.to(vis.device)]].float() * w[:, None])
+    den = kw.clone().index_add_(0, dst, w)
+    out = x.clone()
+    out[kept_rows] = (num / den[:, None]).to(x.dtype)
+    return out
 
 
 # On CPU in float32, the LM head over a few answer rows (a small-M GEMM against the whole

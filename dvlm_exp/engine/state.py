@@ -27,6 +27,11 @@ class Sequence:
     response_ids: torch.Tensor  # [G] long, mask id where still masked
     prompt_len0: int  # unpruned prompt length (response slot j has original position prompt_len0 + j)
     mask_id: int
+    n_visual0: int = -1  # visual tokens before any pruning (set from roles when not given)
+
+    def __post_init__(self):
+        if self.n_visual0 < 0:
+            self.n_visual0 = int((self.roles == Roles.VISUAL).sum())
 
     @property
     def gen_length(self) -> int:
@@ -56,11 +61,36 @@ class Sequence:
     def n_visual(self) -> int:
         return int((self.roles == Roles.VISUAL).sum())
 
-    def keep_prompt(self, keep: torch.Tensor) -> "Sequence":
-        """Slice the prompt state with sorted indices into the current prompt."""
+    def keep_prompt(self, keep: torch.Tensor, embeds: torch.Tensor | None = None) -> "Sequence":
+        """Slice the prompt state with sorted indices into the current prompt.
+
+        `embeds` (optional, [len(keep), d]) replaces the kept tokens' embeddings: a merge
+        (ToMe, SparseVLM recycling) persists as the merged input embeddings.
+        """
         return replace(
             self,
-            prompt_embeds=self.prompt_embeds[keep],
+            prompt_embeds=self.prompt_embeds[keep] if embeds is None else embeds,
             roles=self.roles[keep],
             positions=self.positions[keep],
         )
+
+
+@dataclass
+class Decision:
+    """A method's answer at one layer: which of the current visual tokens survive.
+
+    `keep`: sorted indices into the current visual tokens (may be empty: VTW). Optional merge:
+    visual token `merge_src[i]` is folded into kept token `keep[merge_dst[i]]` with weight
+    `merge_w[i]`; a kept token's own weight is `keep_w` (default 1). The kept token becomes the
+    weighted mean of itself and what was folded into it, in place (it keeps its position).
+    """
+
+    keep: torch.Tensor
+    merge_src: torch.Tensor | None = None
+    merge_dst: torch.Tensor | None = None
+    merge_w: torch.Tensor | None = None
+    keep_w: torch.Tensor | None = None
+
+    @property
+    def merges(self) -> bool:
+        return self.merge_src is not None and self.merge_src.numel() > 0

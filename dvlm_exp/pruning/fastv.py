@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dvlm_exp.engine.state import Roles
-from dvlm_exp.pruning.base import PruneMethod, keep_count, response_mask_positions, topk_sorted
+from dvlm_exp.pruning.base import PruneMethod, response_mask_positions, topk_sorted
 
 from dvlm_exp.pruning.fastv_queries import QUERY_SETS  # noqa: E402
 
@@ -31,7 +31,8 @@ class FastV(PruneMethod):
             raise ValueError("FastV scores at layer K-1: prune.layer must be >= 1")
         self.query_set = query_set
 
-    def query_index(self, roles: torch.Tensor, seq) -> torch.Tensor:
+    def query_index(self, view) -> torch.Tensor:
+        roles, seq = view.roles, view.seq
         n = roles.numel()
         if self.query_set == "last_token":
             return torch.tensor([n - 1])
@@ -42,5 +43,5 @@ class FastV(PruneMethod):
         idx = response_mask_positions(roles, seq)
         return idx if idx.numel() else torch.nonzero(roles == Roles.RESPONSE).squeeze(1)
 
-    def select(self, n_visual, scores):
-        return topk_sorted(scores, keep_count(n_visual, self.ratio))
+    def select(self, view, scores):
+        return topk_sorted(scores, self.k(view))

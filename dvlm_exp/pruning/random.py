@@ -1,6 +1,6 @@
 import torch
 
-from dvlm_exp.pruning.base import PruneMethod, keep_count
+from dvlm_exp.pruning.base import PruneMethod
 
 
 class RandomPruning(PruneMethod):
@@ -12,7 +12,12 @@ class RandomPruning(PruneMethod):
         super().__init__(**kwargs)
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def select(self, n_visual, scores):
-        k = keep_count(n_visual, self.ratio)
-        perm = torch.randperm(n_visual, generator=self.generator)
+    def select(self, view, scores):
+        k = self.k(view)
+        perm = torch.randperm(view.n_visual, generator=self.generator)
         return torch.sort(perm[:k]).values
+
+    def reseed(self, seed: int) -> None:
+        """Per-sample seed (the generator calls this), so a sample's subset does not depend on
+        which samples ran before it in the process (resume, sharding)."""
+        self.generator.manual_seed(int(seed))
