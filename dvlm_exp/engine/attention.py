@@ -87,9 +87,17 @@ def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if request is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         request.compute(query, key, scale, getattr(module, "num_key_value_groups", 1), value)
+    edit = kwargs.pop("dvlm_edit", None)
     # Bidirectional: never let SDPA build a causal mask.
     kwargs["is_causal"] = False
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+    if edit is not None:
+        # An edit recomputes a few output rows explicitly (e.g. VisiPruner's shallow stage,
+        # which zeroes text->vision probabilities); every other row stays SDPA's.
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = edit.apply(query, key, value, scale, getattr(module, "num_key_value_groups", 1), out)
+    return out, weights
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, dvlm_sdpa_attention)

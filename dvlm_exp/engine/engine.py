@@ -3,7 +3,7 @@
 Models expose parts (token embedding, decoder layers, final norm, LM head, rotary
 embedding); methods say which visual tokens to keep. Per forward the engine shows the active
 method a `View` before every layer: the method may ask for attention rows of that layer
-(`score_request`), take a `Decision` (keep / merge visual tokens: the engine gathers hidden
+(`score_request`), edit a few attention rows (`attention_edit`), take a `Decision` (keep / merge visual tokens: the engine gathers hidden
 states and rotary embeddings), or let visual tokens bypass the layer (`skips_visual`).
 After the sampler has unmasked, `after_step` lets a method prune the persistent state
 (RedVTP). The schedule says at which steps a method acts and how its decisions persist:
@@ -197,6 +197,9 @@ class Engine:
                 rec.layer(step, li, sub.numel(), sub.numel(), 0)
                 continue
             kwargs = {"dvlm_score": request} if request is not None else {}
+            edit = method.attention_edit(view) if acting else None
+            if edit is not None:
+                kwargs["dvlm_edit"] = edit
             hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, **kwargs)
             if request is not None:
                 rec.current.scoring_flops += request.flops

@@ -4,6 +4,7 @@ Before every decoder layer of a forward at an acting step the engine shows the m
 `View` (dvlm_exp.engine.engine.View) and calls, in this order:
   decide(view)          -> Decision | None   keep / merge visual tokens before this layer
   score_request(view)   -> ScoreRequest | None  attention rows to compute in this layer
+  attention_edit(view)  -> edit | None       rewrite a few attention output rows in this layer
   skips_visual(view)    -> bool              visual tokens bypass this layer (every step)
 After the sampler has unmasked at an acting step: after_step(view) -> Decision | None
 (`view.scores` then holds the forward's score requests). A method keeps no model state; the
@@ -78,6 +79,11 @@ class PruneMethod:
 
     def skips_visual(self, view) -> bool:
         return False
+
+    def attention_edit(self, view):
+        """An object with `apply(query, key, value, scaling, n_groups, out) -> out` that rewrites
+        some rows of this layer's attention output ([1, n, h, dh], SDPA's), or None."""
+        return None
 
     # ----------------------------------------------------------------- single-layer methods
     def k(self, view) -> int:
