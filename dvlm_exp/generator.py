@@ -27,10 +27,11 @@ class GenPreset:
     stop: list = field(default_factory=lambda: ["<|eot_id|>"])
     honor_until: bool = False  # also stop on the task's `until` strings (the official wrapper ignores them)
     strip_period: bool = True  # the official wrapper strips one trailing "."
+    head_rows: str = "all"  # LM-head rows: all answer slots (official parity) | needed (masked, in block)
 
     def sampler_config(self) -> SamplerConfig:
         return SamplerConfig(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
-                             temperature=self.temperature, remasking=self.remasking)
+                             temperature=self.temperature, remasking=self.remasking, head_rows=self.head_rows)
 
 
 def postprocess(text: str, strip_period: bool) -> str:

@@ -33,6 +33,11 @@ class SamplerConfig:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     noise: str = "official"  # "official": draw noise with the official shapes; "answer": answer rows only
+    # LM-head rows per step. "all": every answer slot (bit parity with the official loop, which
+    # takes logits for the whole sequence; on CPU BLAS fewer rows can round differently).
+    # "needed": only the rows whose argmax / confidence can matter (masked, before the block end
+    # or stop): same answers up to last-bit rounding, ~half the head FLOPs over a block.
+    head_rows: str = "all"
 
     def validate(self) -> None:
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -46,6 +51,8 @@ class SamplerConfig:
             raise ValueError(f"steps={self.steps} must be divisible by the number of blocks ({nb})")
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking must be low_confidence or random, got {self.remasking!r}")
+        if self.head_rows not in ("all", "needed"):
+            raise ValueError(f"head_rows must be all or needed, got {self.head_rows!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -149,21 +156,20 @@ class MaskedDiffusionSampler:
                 if not bool(is_mask[lo:hi].any()):
                     break
                 seq_len_before = seq.length
-                # LM-head rows for every answer slot: on CPU BLAS, fewer rows can round
-                # differently (and cost about the same: the head streams the whole weight).
-                out = engine.forward(seq, step, torch.arange(G, device=ids.device))
-                if out.keep is not None:
-                    seq = seq.keep_prompt(out.keep, getattr(out, "embeds", None))
-                logits = out.logits  # [G, V]
-                if self.banned_ids:
-                    banned = torch.tensor(self.banned_ids, device=logits.device)
-                    col = logits[:, banned]
-                    logits[:, banned] = torch.where(is_mask[:, None], torch.full_like(col, -torch.inf), col)
                 answer_offset = seq_len_before - G
                 limit = stop_pos if stop_pos is not None else hi
                 k = k_per_step[i]
                 rows = _decode_rows(is_mask, limit, k)
-                logits_rows = logits if rows.numel() == G else logits[rows]
+                head = torch.arange(G, device=ids.device) if cfg.head_rows == "all" else rows
+                out = engine.forward(seq, step, head)
+                if out.keep is not None:
+                    seq = seq.keep_prompt(out.keep, getattr(out, "embeds", None))
+                logits = out.logits  # [len(head), V]
+                if self.banned_ids:
+                    banned = torch.tensor(self.banned_ids, device=logits.device)
+                    col = logits[:, banned]
+                    logits[:, banned] = torch.where(is_mask[head][:, None], torch.full_like(col, -torch.inf), col)
+                logits_rows = logits if head is rows or rows.numel() == G else logits[rows]
                 if cfg.temperature > 0:
                     x0_rows = self._gumbel_argmax(logits_rows, rows, G, seq_len_before, answer_offset)
                 else:

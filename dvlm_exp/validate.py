@@ -77,6 +77,8 @@ def check(cfg: DictConfig, data: bool = True) -> None:
         raise ConfigError(f"task.gen.steps={g.steps} must be divisible by the number of blocks ({blocks} = gen_length/block_length)")
     if g.remasking not in ("low_confidence", "random"):
         raise ConfigError(f"task.gen.remasking={g.remasking} must be low_confidence or random")
+    if g.get("head_rows", "all") not in ("all", "needed"):
+        raise ConfigError(f"task.gen.head_rows={g.head_rows} must be all or needed")
 
     if cfg.schedule.name == "at_step":
         if OmegaConf.is_missing(cfg.schedule, "step"):

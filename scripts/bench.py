@@ -59,6 +59,8 @@ def parse_args(argv):
     a("--keep", type=float, default=0.35, help="FastV keep ratio")
     a("--layer", type=int, default=None, help="FastV layer K (default: layers // 2)")
     a("--query-sets", default="last_token,masked_response")
+    a("--head-rows", default="needed", choices=("all", "needed"),
+      help="LM-head rows per step (task.gen.head_rows): needed = masked slots that can be picked; all = every slot")
     a("--reps", type=int, default=5)
     a("--warmup", type=int, default=1)
     a("--threads", type=int, default=2)
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
     seq0 = build_prompt(model, args)
     t_build = time.perf_counter() - t_build
     dims = model.dims()
-    sampler = MaskedDiffusionSampler(SamplerConfig(gen_length=args.gen, block_length=args.block, steps=args.steps),
+    sampler = MaskedDiffusionSampler(SamplerConfig(gen_length=args.gen, block_length=args.block, steps=args.steps,
+                                                   head_rows=args.head_rows),
                                      model.banned_ids)
     cfgs = configs(args)
     dev = model.device
@@ -353,7 +356,7 @@ def main(argv=None) -> int:
         "bench": "generate_latency_vs_flops",
         "model": {k: dims[k] for k in ("d", "m", "layers", "heads", "kv_heads", "vocab")},
         "prompt_len": seq0.prompt_len0, "n_visual": args.n_visual, "gen": args.gen, "block": args.block,
-        "steps": args.steps, "keep": args.keep, "layer": cfgs[-1][1].layer if len(cfgs) > 1 else None,
+        "steps": args.steps, "head_rows": args.head_rows, "keep": args.keep, "layer": cfgs[-1][1].layer if len(cfgs) > 1 else None,
         "schedule": "FirstStep", "device": str(dev), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "reps": args.reps, "warmup": args.warmup, "flops_convention": "exact",
         "torch": torch.__version__, "python": platform.python_version(),

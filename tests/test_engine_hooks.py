@@ -259,3 +259,18 @@ def test_no_op_decisions_reproduce_unpruned_generation(tiny_model, doc_images):
     for sched in (FirstStep(persist="replay"), EveryStep(), Progressive()):
         gen = _gen(tiny_model, doc_images, FastV(ratio=1.0, layer=2, query_set="all"), sched)
         assert gen.recorder.samples[-1].output_ids == base.recorder.samples[-1].output_ids
+
+
+def test_needed_head_rows_same_answer_fewer_rows(tiny_model, doc_images):
+    """task.gen.head_rows=needed computes logits only for pickable slots: same answers, and the
+    LM-head rows equal the sum over steps of masked slots before the block end."""
+    outs = {}
+    for mode in ("all", "needed"):
+        preset = GenPreset(gen_length=8, block_length=4, steps=4, think=None, stop=[], honor_until=False, head_rows=mode)
+        gen = Generator(tiny_model, FastV(ratio=0.5, layer=2, query_set="masked_response"), FirstStep(), preset, seed=0)
+        gen.generate("What is the total?", [doc_images[1]], sample_id=3)
+        outs[mode] = gen.recorder.samples[-1]
+    assert outs["needed"].output_ids == outs["all"].output_ids
+    assert outs["all"].lm_head_rows == 8 * 4
+    # block 0: 4, 2 masked slots before the block end; block 1 the same
+    assert outs["needed"].lm_head_rows == (4 + 2) * 2
