@@ -158,7 +158,7 @@ def _score_rows(query_set: str, n: int, masked: int, gen_length: int) -> int:
 
 def plan_record(dims: dict, n_visual: int, n_text: int, gen_length: int, block_length: int, steps: int,
                 keep_ratio: float, layer: int, step: int = 0, position: str = "in_forward", views: int = 0,
-                method: str = "fastv", query_set: str = "last_token") -> "SampleRecord":
+                method: str = "fastv", query_set: str = "last_token", rounding: str | None = None) -> "SampleRecord":
     """The SampleRecord the engine writes for this configuration when no stop string fires.
 
     Mirrors the sampler (blocks, even split of each block's masks, a block ends when it has
@@ -166,8 +166,8 @@ def plan_record(dims: dict, n_visual: int, n_text: int, gen_length: int, block_l
     n̂ = n - dropped visual tokens from the pruning step on, every later step at n̂; the
     score request at layer K-1). `position="after_step"` (RedVTP) is the K = T case of
     methods.md §5.5: the step runs in full and later steps run pruned; the engine itself
-    only prunes in forward, so that variant is analytic (its score rows are priced as a
-    FastV request at layer T-1).
+    scores the masked-response rows at every layer of that step (RedVTP's all-layer mean).
+    `rounding`: the method's keep count rule (None: floor for redvtp, round otherwise).
     """
     from dvlm_exp.engine.recorder import Recorder
     from dvlm_exp.pruning.base import keep_count
@@ -193,7 +193,9 @@ def plan_record(dims: dict, n_visual: int, n_text: int, gen_length: int, block_l
         raise ValueError(f"keep_ratio={keep_ratio} is outside (0, 1]")
 
     n = n_text + n_visual + gen_length
-    kept = keep_count(n_visual, keep_ratio) if active else n_visual
+    if rounding is None:
+        rounding = "floor" if method == "redvtp" else "round"
+    kept = keep_count(n_visual, keep_ratio, rounding) if active else n_visual
     n_hat = n - (n_visual - kept)
     recorder = Recorder()
     rec = recorder.start_sample()
@@ -209,7 +211,9 @@ def plan_record(dims: dict, n_visual: int, n_text: int, gen_length: int, block_l
             masked = gen_length - b * block_length - committed
             if active and not pruned and t == step:
                 for li in range(T):
-                    if needs_attention and li == K - 1:
+                    if needs_attention and position == "after_step":  # every layer's masked rows
+                        rec.scoring_flops += flops.score_rows_flops(masked if masked else gen_length, n, dims)
+                    elif needs_attention and li == K - 1:
                         rec.scoring_flops += flops.score_rows_flops(_score_rows(query_set, n, masked, gen_length), n, dims)
                     length, vis = (n, n_visual) if li < K else (n_hat, kept)
                     recorder.layer(t, li, length, length, vis)

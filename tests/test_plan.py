@@ -66,6 +66,7 @@ CASES = {
     "fastv_all_k3_short_blocks": ("fastv", dict(ratio=0.25, layer=3, query_set="all"), 1,
                                   dict(gen_length=4, block_length=2, steps=6)),  # 3 steps/block > 2 slots
     "random_k0": ("random", dict(ratio=0.4, layer=0), None, dict(gen_length=6, block_length=6, steps=3)),
+    "redvtp_after_step0": ("redvtp", dict(ratio=0.35), None, dict(gen_length=8, block_length=4, steps=4)),
 }
 
 
@@ -86,7 +87,8 @@ def test_plan_equals_engine_record(tiny_model, tiny_dims, doc_images, prepared, 
     rec_plan = plan.plan_record(tiny_dims, prepared["n_visual"], prepared["n_text"], gen["gen_length"],
                                 gen["block_length"], gen["steps"], kw.get("ratio", 1.0), kw.get("layer", 0),
                                 step=at or 0, views=prepared["views"], method=method,
-                                query_set=kw.get("query_set", "last_token"))
+                                query_set=kw.get("query_set", "last_token"),
+                                position="after_step" if method == "redvtp" else "in_forward")
     assert rec_plan.n_forwards == rec.n_forwards
     assert rec_plan.layer_calls == rec.layer_calls
     assert rec_plan.baseline_forwards == rec.baseline_forwards
@@ -96,7 +98,8 @@ def test_plan_equals_engine_record(tiny_model, tiny_dims, doc_images, prepared, 
 
     out = plan.plan(tiny_dims, prepared["n_visual"], prepared["n_text"], gen["gen_length"], gen["block_length"],
                     gen["steps"], kw.get("ratio", 1.0), kw.get("layer", 0), step=at or 0, views=prepared["views"],
-                    method=method, query_set=kw.get("query_set", "last_token"))
+                    method=method, query_set=kw.get("query_set", "last_token"),
+                    position="after_step" if method == "redvtp" else "in_forward")
     for conv in flops.CONVENTIONS:
         engine = flops.sample_flops(rec, tiny_dims, conv)
         assert {k: out[conv][k] for k in engine} == engine, conv
