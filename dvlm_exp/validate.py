@@ -125,6 +125,10 @@ def _check_prune(cfg: DictConfig) -> None:
     for key, allowed in {**COMMON_CHOICES, **spec["choices"]}.items():
         if key in p and p[key] not in allowed:
             raise ConfigError(f"prune.{key}={p[key]} must be one of {', '.join(map(str, allowed))}")
+    if p.name == "sparsevlm":  # v1 renumbers (truncated ids), v2 keeps the original ids (methods.md §0.4)
+        want = {"v1": "renumber", "v2": "keep"}.get(p.get("version"))
+        if want and p.get("position_ids") != want:
+            raise ConfigError(f"prune.version={p.version} uses position_ids={want}: add prune.position_ids={want}")
     if not spec["layers"]:
         return
     depth = model_depth(cfg)

@@ -11,6 +11,7 @@ After the sampler has unmasked, `after_step` lets a method prune the persistent 
           in every layer (LLaDA-FastV, RedVTP, the dMLLM study's ports)
   replay  later steps re-apply the same decisions at the same layers (AR-prefill-like)
   none    nothing persists: each acting step selects from the full set (every_step)
+An `after_step` decision always persists as state (it prunes what later steps run on).
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ class Engine:
         view = View(step=step, layer=0, n_layers=len(m.layers), seq=seq, roles=roles, positions=positions,
                     hidden=hidden, embeds0=hidden[0], ratio=self._ratio(step), acting=acting)
         if acting and hasattr(method, "begin_forward"):
+            t0 = time.perf_counter()
             method.begin_forward(view)
+            rec.current.scoring_s += time.perf_counter() - t0
         pruned = False
         for li, layer in enumerate(m.layers):
             view.layer, view.hidden = li, hidden
