@@ -192,6 +192,8 @@ class Engine:
             skip = method is not None and method.skips_visual(view)
             n_vis = view.n_visual
             if skip and n_vis:
+                if request is not None:
+                    raise RuntimeError(f"{method.name}: a score request in a layer its visual tokens skip ({li})")
                 sub = torch.nonzero(view.roles != Roles.VISUAL).squeeze(1)
                 out = layer(hidden[:, sub], attention_mask=None,
                             position_embeddings=(cos_sin[0][:, sub], cos_sin[1][:, sub]))
@@ -208,6 +210,8 @@ class Engine:
                 rec.current.scoring_flops += request.flops
                 rec.current.scoring_s += request.seconds
                 view.scores[li] = request
+            if edit is not None:
+                rec.current.scoring_flops += int(getattr(edit, "flops", 0))
             n = hidden.shape[1]
             rec.layer(step, li, n, n, n_vis)
         self._last_scores = view.scores
