@@ -42,13 +42,14 @@ def postprocess(text: str, strip_period: bool) -> str:
 
 
 class Generator:
-    def __init__(self, model, pruner, schedule, preset: GenPreset, position_ids: str = "keep", seed: int = 0):
+    def __init__(self, model, pruner, schedule, preset: GenPreset, position_ids: str = "keep", seed: int = 0,
+                 probes=()):
         self.model = model
         self.pruner = pruner
         self.preset = preset
         self.seed = seed
         self.recorder = Recorder()
-        self.engine = Engine(model, pruner, schedule, self.recorder, position_ids=position_ids)
+        self.engine = Engine(model, pruner, schedule, self.recorder, position_ids=position_ids, probes=probes)
         self.sampler = MaskedDiffusionSampler(preset.sampler_config(), model.banned_ids)
 
     def generate(self, question: str, images: list, until: list[str] | None = None, sample_id: int = 0) -> str:

@@ -274,3 +274,40 @@ def test_needed_head_rows_same_answer_fewer_rows(tiny_model, doc_images):
     assert outs["all"].lm_head_rows == 8 * 4
     # block 0: 4, 2 masked slots before the block end; block 1 the same
     assert outs["needed"].lm_head_rows == (4 + 2) * 2
+
+
+def test_probes_watch_without_changing_anything(tiny_model, doc_images):
+    """A probe asking for rows at every layer of every step (alongside the method's own request)
+    gets what a lone request would, and the run's output, kept tokens and scoring FLOPs are
+    those of the run without it."""
+    from dvlm_exp.engine.attention import ScoreRequest
+
+    class Probe:
+        def __init__(self):
+            self.reqs, self.forwards, self.conf = {}, [], []
+
+        def score_request(self, view):
+            r = ScoreRequest(view.masked_response_index() if view.seq.is_mask.any() else view.response_index)
+            self.reqs[(view.step, view.layer)] = r
+            return r
+
+        def after_forward(self, view, logits, rows):
+            self.forwards.append((view.step, view.n_visual, logits.shape[0]))
+
+        def observe(self, step, confidence):
+            self.conf.append(confidence)
+
+    def run(probes):
+        gen = Generator(tiny_model, FastV(ratio=0.3, layer=2, query_set="masked_response"), FirstStep(), _preset(4),
+                        seed=0, probes=probes)
+        gen.generate("What is the total?", [doc_images[0]], sample_id=0)
+        return gen.recorder.samples[-1]
+
+    probe = Probe()
+    a, b = run([]), run([probe])
+    assert a.output_ids == b.output_ids and a.kept_by_step_layer == b.kept_by_step_layer
+    assert a.scoring_flops == b.scoring_flops > 0
+    assert sorted(probe.reqs) == [(s, li) for s in range(4) for li in range(4)]
+    assert all(r.column_mean is not None for r in probe.reqs.values())
+    k = keep_count(a.n_visual, 0.3)
+    assert [f[:2] for f in probe.forwards] == [(0, k), (1, k), (2, k), (3, k)] and len(probe.conf) == 4

@@ -83,8 +83,8 @@ class ScoreRequest:
 
 
 def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    request: ScoreRequest | None = kwargs.pop("dvlm_score", None)
-    if request is not None:
+    score = kwargs.pop("dvlm_score", None)  # a ScoreRequest or a list of them (method + probes)
+    for request in (score if isinstance(score, list) else [score] if score is not None else []):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         request.compute(query, key, scale, getattr(module, "num_key_value_groups", 1), value)
     edit = kwargs.pop("dvlm_edit", None)

@@ -12,6 +12,11 @@ After the sampler has unmasked, `after_step` lets a method prune the persistent 
   replay  later steps re-apply the same decisions at the same layers (AR-prefill-like)
   none    nothing persists: each acting step selects from the full set (every_step)
 An `after_step` decision always persists as state (it prunes what later steps run on).
+
+Probes (analysis, dvlm_exp/analysis) watch without deciding: at every forward they may ask
+for score rows per layer (`score_request(view)`, not counted as method overhead) and see the
+final view and logits (`after_forward(view, logits, rows)`); `observe(step, confidence)` gets
+the sampler's per-step signal.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class View:
 
 class Engine:
     def __init__(self, model, pruner=None, schedule=None, recorder: Recorder | None = None,
-                 position_ids: str = "keep", persist: str | None = None):
+                 position_ids: str = "keep", persist: str | None = None, probes=()):
         if position_ids not in ("keep", "renumber"):
             raise ValueError(f"position_ids must be 'keep' or 'renumber', got {position_ids!r}")
         self.model = model
@@ -99,6 +104,7 @@ class Engine:
         if self.persist not in PERSIST_MODES:
             raise ValueError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
         self._replay: list[tuple[int, Decision]] = []
+        self.probes = list(probes)
         self._last_scores: dict = {}
         self._total_steps = 0
 
@@ -120,12 +126,16 @@ class Engine:
 
     @property
     def wants_confidence(self) -> bool:
-        return self.method is not None and hasattr(self.schedule, "observe")
+        return (self.method is not None and hasattr(self.schedule, "observe")) or \
+            any(hasattr(p, "observe") for p in self.probes)
 
     def observe(self, step: int, confidence: float) -> None:
         """The sampler's per-step signal (mean top-1 probability of the still-masked slots)."""
-        if self.schedule is not None and hasattr(self.schedule, "observe"):
+        if self.method is not None and hasattr(self.schedule, "observe"):
             self.schedule.observe(step, confidence)
+        for p in self.probes:
+            if hasattr(p, "observe"):
+                p.observe(step, confidence)
 
     def _ratio(self, step: int) -> float:
         base = float(getattr(self.pruner, "ratio", 1.0))
@@ -201,7 +211,9 @@ class Engine:
                 hidden[:, sub] = out
                 rec.layer(step, li, sub.numel(), sub.numel(), 0)
                 continue
-            kwargs = {"dvlm_score": request} if request is not None else {}
+            probe_reqs = [r for r in (p.score_request(view) for p in self.probes) if r is not None]
+            reqs = ([request] if request is not None else []) + probe_reqs
+            kwargs = {"dvlm_score": reqs[0] if len(reqs) == 1 else reqs} if reqs else {}
             edit = method.attention_edit(view) if acting else None
             if edit is not None:
                 kwargs["dvlm_edit"] = edit
@@ -225,6 +237,10 @@ class Engine:
         n_rows = int(rows.numel())
         baseline_rows = seq.full_length if response_rows is None else n_rows
         rec.forward(seq.full_length, n_rows, baseline_rows)
+        if self.probes:
+            view.layer, view.hidden = len(m.layers), hidden
+            for p in self.probes:
+                p.after_forward(view, logits, rows)
         keep = embeds = None
         if pruned and acting and self.persist == "state":
             n_prompt = seq.prompt_embeds.shape[0]
