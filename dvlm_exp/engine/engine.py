@@ -191,6 +191,8 @@ class Engine:
                 decisions += [d for (l, d) in replay if l == li]
             for d in decisions:
                 t0 = time.perf_counter()
+                if acting:
+                    rec.current.scoring_flops += int(d.flops)
                 hidden, view = self._apply(d, hidden, view)
                 idx = idx[view.last_keep]
                 cos_sin = ((cos_sin[0][:, view.last_keep], cos_sin[1][:, view.last_keep])

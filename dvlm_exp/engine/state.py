@@ -90,6 +90,7 @@ class Decision:
     merge_dst: torch.Tensor | None = None
     merge_w: torch.Tensor | None = None
     keep_w: torch.Tensor | None = None
+    flops: int = 0  # the method's own work for this decision (distances, clustering), exact convention
 
     @property
     def merges(self) -> bool:
