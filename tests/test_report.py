@@ -1,0 +1,309 @@
+"""scripts/report.py: tables in the papers' layout from results.json files, joined with published numbers.
+
+1. End to end: a small multirun of the tiny model through run.py (none / fastv / random x two keep ratios),
+   a failed and an incomplete job dir beside it, and a synthetic published.yaml written here (the tiny
+   model's task has no published numbers; --map model:tiny=LLaDA-V --map task:synth_docvqa=DocVQA maps them
+   onto it). Every table cell is checked against the results.json it came from, and every published /
+   delta cell against the synthetic rows; plus the run counts, report.md / report.html and the PNGs.
+2. Paper vocabulary: hand-written results.json files of LLaDA-V-shaped runs (study_table1 sweep metadata,
+   MME / POPE / DocVQA metrics, VTW, a predict-only run) against the real shared/reference/published.yaml:
+   score scales, method / benchmark names, keep 0 for VTW, the "Avg (relative %)" column, time change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SMALL = ["limit=1", "progress=false", "task.synthetic.n=2", "task.gen.gen_length=8", "task.gen.block_length=8",
+         "task.gen.steps=4"]
+PUBLISHED = REPO.parent / "shared" / "reference" / "published.yaml"
+
+SYNTH_PUBLISHED = {
+    "schema_version": 1,
+    "papers": [{
+        "key": "synthetic", "title": "A synthetic paper", "arxiv": "0000.00000",
+        "tables": [{
+            "id": "t1", "caption": "synthetic DocVQA table",
+            "rows": [
+                {"model": "LLaDA-V", "method": "baseline", "keep_ratio": 1.0, "prune_step_or_start": None,
+                 "benchmark": "DocVQA", "score": 50.0, "time_change_pct": 0.0},
+                {"model": "LLaDA-V", "method": "FastV", "keep_ratio": 0.5, "prune_step_or_start": "step0",
+                 "benchmark": "DocVQA", "score": 40.0, "time_change_pct": -20.0},
+                {"model": "LLaDA-V", "method": "FastV", "keep_ratio": 0.25, "prune_step_or_start": "step0",
+                 "benchmark": "DocVQA", "score": 30.5, "time_change_pct": -35.0},
+                # no run of ours: a published-only row
+                {"model": "LLaDA-V", "method": "FastV", "keep_ratio": 0.1, "prune_step_or_start": "step0",
+                 "benchmark": "DocVQA", "score": 20.0},
+                # the paper states layer 5, our random runs prune at layer 2: no match, separate rows
+                {"model": "LLaDA-V", "method": "Random", "keep_ratio": 0.5, "prune_step_or_start": "step0",
+                 "prune_layer": 5, "benchmark": "DocVQA", "score": 35.0},
+                # another start point and another model: never matched, the other model never shown
+                {"model": "LLaDA-V", "method": "FastV", "keep_ratio": 0.5, "prune_step_or_start": 0.5,
+                 "benchmark": "DocVQA", "score": 45.0},
+                {"model": "Other-VLM", "method": "FastV", "keep_ratio": 0.5, "prune_step_or_start": "step0",
+                 "benchmark": "DocVQA", "score": 10.0},
+            ]}]}],
+}
+
+
+def run_py(*args, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def report_py(*args, timeout=300):
+    return subprocess.run([sys.executable, "scripts/report.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and v != v) else float(v)
+
+
+def read_table(path):
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str)  # row keys exactly as written ("1", "0.5", "step0", "-")
+
+
+def cell(df, bench, part, **keys):
+    sel = df
+    for k, v in keys.items():
+        sel = sel[sel[k].astype(str) == str(v)]
+    assert len(sel) == 1, (keys, len(sel))
+    return _num(sel.iloc[0][f"{bench}|{part}"])
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    sweep = root / "sweep"
+    p = run_py("-m", "prune=none,fastv,random", "ratio=0.5,0.25", *SMALL, f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (sweep / "90_failed" / ".hydra").mkdir(parents=True)  # a job that raised: failed.json, no results.json
+    (sweep / "90_failed" / "failed.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    (sweep / "91_running" / ".hydra").mkdir(parents=True)  # still running / killed: nothing written yet
+    (sweep / "91_running" / ".hydra" / "config.yaml").write_text("ratio: 0.5\n")
+    (sweep / "92_torn").mkdir()  # results.json without the completion marker
+    (sweep / "92_torn" / "results.json").write_text("{}")
+    pub = root / "published.yaml"
+    pub.write_text(yaml.safe_dump(SYNTH_PUBLISHED, sort_keys=False))
+    return root, sweep, pub
+
+
+def test_report_cells_match_results_json(tiny_sweep):
+    import pandas as pd
+
+    root, sweep, pub = tiny_sweep
+    out = root / "out"
+    p = report_py(str(sweep), "--out", str(out), "--published", str(pub),
+                  "--map", "model:tiny=LLaDA-V", "--map", "task:synth_docvqa=DocVQA")
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["runs"] == 6
+    assert summary["skipped"] == {"failed": 1, "incomplete": 2}
+    assert summary["superseded"] == 1  # prune=none at ratio 0.5 and 0.25: one baseline cell, the later run shown
+    assert "skipped 1 failed, 2 incomplete" in p.stdout
+    (table,) = summary["tables"]
+    assert table["id"] == "synthetic/t1" and table["benchmarks"] == ["DocVQA"]
+    assert table["matched_cells"] == 3  # baseline, FastV 0.5, FastV 0.25
+
+    scores = read_table(out / "tables" / "synthetic_t1.csv")
+    eff = read_table(out / "tables" / "synthetic_t1_efficiency.csv")
+    assert list(scores.columns[:5]) == ["model", "method", "keep_ratio", "start", "layer"]
+    records = {}
+    for f in sorted(sweep.glob("*/results.json")):
+        if not (f.parent / ".dvlm_complete").exists():
+            continue
+        rec = json.loads(f.read_text())
+        c = rec["config"]
+        name = c["prune"]["name"]
+        method = {"none": "baseline", "fastv": "FastV", "random": "Random"}[name]
+        keep = 1 if name == "none" else c["ratio"]
+        # FastV's rows are the paper's (no layer stated); Random's paper row states layer 5, ours runs at 2
+        start, layer = ("-", "-") if name == "none" else ("step0", "-" if name == "fastv" else c["prune"]["layer"])
+        key = (method, keep, start, layer)
+        if key in records and records[key][1] > f.stat().st_mtime:
+            continue
+        records[key] = (rec, f.stat().st_mtime)
+    assert len(records) == 5
+    pubs = {("baseline", 1, "-", "-"): (50.0, 0.0), ("FastV", 0.5, "step0", "-"): (40.0, -20.0),
+            ("FastV", 0.25, "step0", "-"): (30.5, -35.0)}
+    base_latency = records[("baseline", 1, "-", "-")][0]["timing"]["latency_s_per_sample"]
+    for (method, keep, start, layer), (rec, _) in records.items():
+        k = dict(model="LLaDA-V", method=method, keep_ratio=keep, start=start, layer=layer)
+        ours = 100 * rec["metrics"]["anls,none"]
+        assert cell(scores, "DocVQA", "ours", **k) == pytest.approx(ours)
+        pub_score, pub_time = pubs.get((method, keep, start, layer), (None, None))
+        assert cell(scores, "DocVQA", "published", **k) == pub_score
+        assert cell(scores, "DocVQA", "delta", **k) == (None if pub_score is None else pytest.approx(ours - pub_score))
+        assert cell(eff, "DocVQA", "flops_red_pct", **k) == pytest.approx(100 * rec["flops"]["reduction"])
+        want_t = 100 * (rec["timing"]["latency_s_per_sample"] / base_latency - 1)
+        assert cell(eff, "DocVQA", "time_change_pct", **k) == pytest.approx(want_t, abs=1e-9)
+        assert cell(eff, "DocVQA", "time_change_pct_published", **k) == pub_time
+    # published-only rows: FastV 0.1, FastV started at 50 %, Random at the paper's layer 5; not the other model
+    for k, pub_score in (({"keep_ratio": 0.1}, 20.0), ({"keep_ratio": 0.5, "start": 0.5}, 45.0)):
+        assert cell(scores, "DocVQA", "published", method="FastV", **k) == pub_score
+        assert cell(scores, "DocVQA", "ours", method="FastV", **k) is None
+    assert cell(scores, "DocVQA", "published", method="Random", keep_ratio=0.5, layer=5) == 35.0
+    assert cell(scores, "DocVQA", "ours", method="Random", keep_ratio=0.5, layer=5) is None
+    assert len(scores) == 8 and set(scores["model"]) == {"LLaDA-V"} and "10.0" not in set(scores["DocVQA|published"])
+    assert scores.iloc[0]["method"] == "baseline"
+
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 6 and set(runs["table_id"]) == {"synthetic/t1"}
+    md = (out / "report.md").read_text()
+    assert "synthetic/t1" in md and "skipped 1 failed and 2 incomplete" in md
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "synthetic DocVQA table" in html
+    for plot in ("pareto_tiny.png", "ratio_tiny.png"):
+        assert plot in summary["plots"]
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{plot}" in md and f"plots/{plot}" in html
+
+
+@pytest.fixture(scope="module")
+def report_cli():
+    """scripts/report.py as a module: its main(argv) is what the command runs (in-process: no second startup)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import report as report_script
+    finally:
+        sys.path.pop(0)
+    return report_script
+
+
+def test_report_without_published_and_default_out(tiny_sweep, report_cli, capsys):
+    root, sweep, _ = tiny_sweep
+    assert report_cli.main([str(sweep), "--published", "none", "--no-plots"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["out"] == str(sweep / "report") and summary["plots"] == []
+    (table,) = summary["tables"]
+    assert table["id"] == "runs/tiny" and table["matched_cells"] == 0 and table["benchmarks"] == ["SynthDocVQA"]
+    scores = read_table(sweep / "report" / "tables" / "runs_tiny.csv")
+    assert len(scores) == 5 and scores["SynthDocVQA|published"].isna().all()
+    # a second collection skips the report dir it wrote (no run files in it)
+    assert report_cli.main([str(sweep), "--published", "none", "--no-plots"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"] == 6
+    assert report_cli.main([str(root / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--map"):
+        report_cli.main([str(sweep), "--map", "model=tiny"])
+
+
+# ---- 2. the paper vocabulary against the real published.yaml ------------------------------------------------
+
+def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict, ratio=0.5, sweep=None,
+               schedule=None, reduction=0.0, latency=1.0, choice=None):
+    from dvlm_exp.record import write_results
+
+    cfg = {"model": {"name": "llada_v", "family": "llada_v"}, "prune": prune, "ratio": ratio,
+           "schedule": schedule or {"name": "first_step", "persist": "state"},
+           "task": {"name": task, "lmms_task": lmms_task}, "limit": None, "seed": 0}
+    if sweep:
+        cfg["sweep"] = sweep
+    write_results(d, {"task": lmms_task, "config": cfg, "metrics": metrics, "n_samples": 10,
+                      "flops": {"total": 1.0, "baseline_total": 1.0, "reduction": reduction, "convention": "exact"},
+                      "tokens": {"visual_per_sample": [100], "visual_kept_avg": 100 * ratio},
+                      "timing": {"latency_s_per_sample": latency}, "generation": {"gen_length": 2, "block_length": 2, "steps": 2}})
+    if choice:
+        (d / ".hydra").mkdir(exist_ok=True)
+        (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prune": choice}}}}))
+
+
+@pytest.mark.skipif(not PUBLISHED.is_file(), reason=f"{PUBLISHED} not present")
+def test_paper_vocabulary_against_published_yaml(tmp_path):
+    from dvlm_exp.report import build_report
+
+    t1 = {"name": "study_table1", "paper": "dmllm_redundancy_study", "table": "table1"}
+    base = {"name": "llada_v_baseline", "paper": "dmllm_redundancy_study", "table": None}
+    fastv = {"name": "fastv", "layer": 3, "query_set": "all"}
+    mme = lambda p, c: {"mme_perception_score,none": p, "mme_cognition_score,none": c, "alias": "mme"}  # noqa: E731
+    s1, s2 = tmp_path / "study_table1", tmp_path / "llada_v_baseline"
+    _write_run(s2 / "0", prune={"name": "none", "layer": 0}, task="mme", lmms_task="mme", metrics=mme(1600.0, 400.0),
+               sweep=base, latency=2.0)
+    _write_run(s2 / "1", prune={"name": "none", "layer": 0}, task="pope", lmms_task="pope",
+               metrics={"pope_accuracy,none": 0.9, "pope_f1_score,none": 0.5}, sweep=base, latency=1.0)
+    _write_run(s2 / "2", prune={"name": "none", "layer": 0}, task="docvqa_val", lmms_task="docvqa_val_llada_v",
+               metrics={"anls,none": 0.8}, sweep=base)
+    _write_run(s1 / "0", prune=fastv, task="mme", lmms_task="mme", metrics=mme(1300.0, 400.0), sweep=t1,
+               reduction=0.4, latency=1.5, choice="study_fastv")
+    _write_run(s1 / "1", prune=fastv, task="pope", lmms_task="pope", metrics={"pope_accuracy,none": 0.81}, sweep=t1,
+               reduction=0.4, latency=1.2, choice="study_fastv")
+    _write_run(s1 / "2", prune={"name": "vtw", "layer": 16}, task="mme", lmms_task="mme", metrics=mme(700.0, 200.0),
+               sweep={**t1, "name": "study_table1_vtw"}, choice="study_vtw")
+    _write_run(s1 / "3", prune=fastv, task="video_dc499", lmms_task="video_dc499", metrics={"bypass,none": 999},
+               sweep=t1)
+    res = build_report([tmp_path], tmp_path / "out", published=PUBLISHED, plots=False)  # plots: the first test
+    by_id = {t["id"]: t for t in res["tables"]}
+    assert list(by_id) == ["dmllm_redundancy_study/table1"]  # the baselines join table1, no table of their own
+    t = by_id["dmllm_redundancy_study/table1"]
+    assert t["key_cols"] == ["model", "method", "keep_ratio", "start"]  # table1 states no layers
+    df = t["scores"]
+    assert cell(df, "MME", "ours", method="FastV", keep_ratio=0.5) == 1700.0  # perception + cognition
+    assert cell(df, "MME", "published", method="FastV", keep_ratio=0.5) == 1655.8
+    assert cell(df, "MME", "delta", method="FastV", keep_ratio=0.5) == pytest.approx(1700.0 - 1655.8)
+    assert cell(df, "POPE", "ours", method="FastV", keep_ratio=0.5) == pytest.approx(81.0)
+    assert cell(df, "POPE", "published", method="baseline") == 87.3
+    assert cell(df, "POPE", "ours", method="baseline") == pytest.approx(90.0)
+    assert cell(df, "MME", "ours", method="VTW", keep_ratio=0) == 900.0
+    assert cell(df, "MME", "published", method="VTW", keep_ratio=0) == 879.9
+    assert "DocVQA" not in t["benchmarks"]  # a baseline of a benchmark table1 does not have adds no column
+    # Avg (relative %): the paper averages 8 benchmarks, we ran 2: left empty (test_relative_average)
+    assert cell(df, "Avg (relative %)", "ours", method="FastV", keep_ratio=0.5) is None
+    assert cell(df, "Avg (relative %)", "published", method="FastV", keep_ratio=0.5) == 74.4
+    eff = t["efficiency"]
+    assert cell(eff, "MME", "time_change_pct", method="FastV", keep_ratio=0.5) == pytest.approx(-25.0)
+    assert cell(eff, "POPE", "time_change_pct", method="FastV", keep_ratio=0.5) == pytest.approx(20.0)
+    assert cell(eff, "MME", "time_change_pct_published", method="FastV", keep_ratio=0.5) == -15.3
+    assert cell(eff, "MME", "flops_red_pct", method="FastV", keep_ratio=0.5) == pytest.approx(40.0)
+    assert res["counts"]["unscored"] == 1 and res["counts"]["complete"] == 7
+    rows = {(r["method"], r["task"]): r for r in res["runs"]}
+    assert rows[("FastV", "mme")]["preset"] == "study_fastv" and rows[("FastV", "mme")]["layer"] == 3
+    assert rows[("baseline", "docvqa_val")]["score"] == pytest.approx(80.0)
+    assert rows[("baseline", "docvqa_val")]["benchmarks"] == ["DocVQA"]
+
+
+def test_matching_rules():
+    from dvlm_exp.report import matches
+
+    run = {"model_label": "LLaDA-V", "method": "FastV", "keep_ratio": 0.25, "start": 0.5, "layer": 3,
+           "benchmarks": ["MMMU-Pro (vision)", "MMMU-Pro"]}
+    pub = {"model": "LLaDA-V", "method": "FastV", "keep_ratio": 0.25, "start": 0.5, "layer": None,
+           "benchmark": "MMMU-Pro"}
+    assert matches(run, pub)
+    assert matches(run, {**pub, "benchmark": "MMMU-Pro (vision)"})
+    assert not matches(run, {**pub, "start": "step0"})
+    assert not matches(run, {**pub, "start": None})
+    assert not matches(run, {**pub, "keep_ratio": 0.5})
+    assert matches(run, {**pub, "layer": 3}) and not matches(run, {**pub, "layer": 2})
+    assert not matches({**run, "start": None}, {**pub, "start": 0.5})
+    assert not matches(run, {**pub, "model": "LaViDa-Dream"})
+
+
+def test_relative_average():
+    """Ours for "Avg (relative %)": mean of score / our baseline score over the benchmarks the paper averaged
+    for that row, x100; empty when one is missing; over our baseline's benchmarks for a row the paper lacks."""
+    from dvlm_exp.report import AVG_LABEL, _fill_avg
+
+    base, fv, new = ("M", "baseline", "1", "-"), ("M", "FastV", "0.5", "step0"), ("M", "Mine", "0.5", "step0")
+    cells = {base + ("A",): {"ours": 50.0, "published": 60.0}, base + ("B",): {"ours": 2.0, "published": 3.0},
+             fv + ("A",): {"ours": 25.0, "published": 30.0}, fv + ("B",): {"ours": 2.0, "published": 2.5},
+             new + ("A",): {"ours": 40.0}, new + ("B",): {"ours": 1.0}}
+    _fill_avg([base, fv, new], cells, ["A", "B", AVG_LABEL], with_layer=False)
+    assert cells[base + (AVG_LABEL,)]["ours"] == pytest.approx(100.0)
+    assert cells[fv + (AVG_LABEL,)]["ours"] == pytest.approx(100 * (0.5 + 1.0) / 2)
+    assert cells[new + (AVG_LABEL,)]["ours"] == pytest.approx(100 * (0.8 + 0.5) / 2)
+    del cells[fv + ("B",)]["ours"], cells[fv + (AVG_LABEL,)]
+    _fill_avg([fv], cells, ["A", "B", AVG_LABEL], with_layer=False)
+    assert fv + (AVG_LABEL,) not in cells

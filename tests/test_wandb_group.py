@@ -1,0 +1,151 @@
+"""W&B runs grouped by sweep and tagged model / method / task / schedule, with the same summary keys in every
+sweep (dvlm_exp/wandb_log.py). Real multiruns of the tiny model with WANDB_MODE=offline; the offline run
+files are read back through wandb's own record reader (ecosystem.md §5.2: wandb.Api cannot read offline
+runs; wandb 0.25 writes no config.yaml / wandb-summary.json offline). The multirun also checks
+scripts/sweep_jobs.py's dry run against the run dirs Hydra actually made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SMALL = ["limit=1", "progress=false", "task.synthetic.n=2", "task.gen.gen_length=8", "task.gen.block_length=8",
+         "task.gen.steps=4"]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    """group, tags, name, config and summary of the one offline W&B run under run_dir/wandb."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal.datastore import DataStore
+
+    (path,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    ds = DataStore()
+    ds.open_for_scan(str(path))
+    out = {"summary": {}, "config": {}}
+    while True:
+        data = ds.scan_data()
+        if data is None:
+            break
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(group=rec.run.run_group, tags=list(rec.run.tags), name=rec.run.display_name)
+            for item in rec.run.config.update:
+                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted((d for d in sweep_dir.iterdir() if d.is_dir() and (d / "results.json").exists()),
+                  key=lambda d: int(d.name.split("_")[0]))
+
+
+SUMMARY_KEYS = {"score", "score_metric", "keep_ratio", "prune_start", "prune_layer", "metric/anls", "synth_docvqa/anls",
+                "flops/reduction", "flops/total", "tokens/kept_fraction", "timing/latency_s_per_sample", "memory/peak_bytes"}
+
+
+def test_multirun_groups_by_sweep_name_else_sweep_dir(tmp_path):
+    """One real multirun, two jobs: `sweep.name=smoke_tiny,null` gives a job of the sweep (group = its name)
+    and one whose config has no sweep name (group = the Hydra sweep dir, as any plain multirun)."""
+    sweep_dir = tmp_path / "sweep"
+    extra = ["prune=fastv", "ratio=0.5", "sweep.name=smoke_tiny,null", "logger=wandb", "logger.tags=[nightly]", *SMALL]
+    p = run_cli("-m", "+sweep=smoke_tiny", *extra, f"hydra.sweep.dir={sweep_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    dirs = job_dirs(sweep_dir)
+    assert len(dirs) == 2
+
+    # the dry run lists exactly the jobs Hydra launched, in launch order
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import sweep_jobs
+    finally:
+        sys.path.pop(0)
+    jobs, grid = sweep_jobs.expand("smoke_tiny", extra)
+    assert grid == {"prune": 1, "ratio": 1, "sweep.name": 2}
+    assert [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) for d in dirs] == jobs
+    assert not any("+sweep" in d.name for d in dirs)  # sweeps/sweep/_base.yaml keeps `+sweep=` out of dir names
+
+    for d, group in zip(dirs, ["smoke_tiny", str(sweep_dir)]):
+        rec = json.loads((d / "results.json").read_text())
+        w = read_offline_run(d)
+        assert w["group"] == group
+        assert set(w["tags"]) == {"model:tiny", "method:fastv", "task:synth_docvqa", "schedule:first_step", "nightly"} | (
+            {"sweep:smoke_tiny"} if group == "smoke_tiny" else set())
+        # <job num>_<override dirname> (logger.* keys are not in it), the dirname's tail when over 128 characters
+        num, dirname = d.name.split("_", 1)
+        assert w["name"] == f"{num}_{dirname[-(127 - len(num)):]}" and len(w["name"]) <= 128
+        assert SUMMARY_KEYS <= set(w["summary"])
+        assert w["summary"]["keep_ratio"] == rec["config"]["ratio"] == 0.5
+        assert w["summary"]["score"] == pytest.approx(100 * rec["metrics"]["anls,none"])
+        assert w["summary"]["flops/reduction"] == pytest.approx(rec["flops"]["reduction"])
+        assert w["summary"]["prune_start"] == "step0" and w["summary"]["prune_layer"] == 2
+        assert w["config"]["sweep"]["name"] == (group if group == "smoke_tiny" else None)
+        assert rec["wandb"]["mode"] == "offline"
+
+
+def test_group_name_and_tag_rules():
+    """logger.group wins; then the sweep name; then the multirun sweep dir; a single run has no group."""
+    from dvlm_exp.runner import compose_config
+    from dvlm_exp.wandb_log import resolve_group, resolve_name, run_tags
+
+    multi = {"multirun": True, "sweep_dir": "outputs/multirun/2026-01-01/10-00-00", "job_num": 3,
+             "override_dirname": "prune=fastv,ratio=0.5", "choices": {"prune": "llada_fastv"}}
+    cfg = compose_config(["logger=wandb", "prune=llada_fastv", "schedule=start_frac"])
+    assert resolve_group(cfg, {}) is None and resolve_name(cfg, {}) is None
+    assert resolve_group(cfg, multi) == multi["sweep_dir"]
+    assert resolve_name(cfg, multi) == "3_prune=fastv,ratio=0.5"
+    assert run_tags(cfg, multi) == ["model:tiny", "method:fastv", "task:synth_docvqa", "schedule:start_frac",
+                                    "preset:llada_fastv"]
+    assert resolve_group(cfg, {**multi, "sweep_dir": "x" * 300}) == "x" * 128  # W&B's limit: the tail is kept
+    assert resolve_name(cfg, {**multi, "override_dirname": "y" * 300}) == "3_" + "y" * 126
+    sp = f"hydra.searchpath=[file://{REPO / 'sweeps'}]"  # conf/config.yaml's is relative to the repo root
+    swept = compose_config(["logger=wandb", "+sweep=study_table1", "model.path=/unused", sp])
+    assert resolve_group(swept, multi) == "study_table1" and resolve_group(swept, {}) == "study_table1"
+    assert "sweep:study_table1" in run_tags(swept, multi)
+    own = compose_config(["logger=wandb", "+sweep=study_table1", "model.path=/unused", sp, "logger.group=mine",
+                          "logger.name_=run7", "logger.tags=[a100]"])
+    assert resolve_group(own, multi) == "mine" and resolve_name(own, multi) == "run7"
+    assert run_tags(own, {})[-2:] == ["sweep:study_table1", "a100"]
+
+
+def test_summary_names_are_task_independent():
+    """Different tasks and methods give the same summary key set apart from lmms-eval's own <task>/<metric>."""
+    from dvlm_exp.wandb_log import summary_metrics
+
+    def rec(task, metrics, prune="fastv", ratio=0.5):
+        return {"task": task, "metrics": metrics, "config": {"prune": {"name": prune, "layer": 3}, "ratio": ratio,
+                                                            "schedule": {"name": "first_step"}},
+                "flops": {"total": 2.0, "baseline_total": 4.0, "reduction": 0.5, "convention": "exact"},
+                "tokens": {"visual_per_sample": [10, 10], "visual_kept_avg": 5.0}, "timing": {"latency_s_per_sample": 1.0}}
+
+    mme = summary_metrics(rec("mme", {"mme_perception_score,none": 1500.0, "mme_cognition_score,none": 400.0}))
+    doc = summary_metrics(rec("docvqa_val_llada_v", {"anls,none": 0.8}))
+    vtw = summary_metrics(rec("pope", {"pope_accuracy,none": 0.85}, prune="vtw"))
+    assert mme["score"] == 1900.0 and doc["score"] == pytest.approx(80.0) and vtw["score"] == pytest.approx(85.0)
+    assert vtw["keep_ratio"] == 0.0 and doc["keep_ratio"] == 0.5
+    common = {k for k in mme if "/" not in k or k.split("/")[0] in ("flops", "tokens", "timing", "memory")}
+    assert common == {k for k in doc if "/" not in k or k.split("/")[0] in ("flops", "tokens", "timing", "memory")}
+    assert {"score", "score_metric", "keep_ratio", "prune_start", "prune_layer", "flops/reduction",
+            "tokens/kept_fraction"} <= common
+    pred_only = summary_metrics(rec("video_dc499", {"bypass,none": 999}))
+    assert pred_only["score"] is None and "missing" in pred_only["score_metric"]
