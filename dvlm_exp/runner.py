@@ -33,8 +33,11 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The same config run.py would see, for tests, the lmms-eval CLI and scripts."""
     from hydra import compose, initialize_config_dir
 
+    overrides = list(overrides or [])
+    if not any(o.startswith("hydra.searchpath") for o in overrides):  # sweeps/ from any working directory
+        overrides.append(f"hydra.searchpath=[file://{CONF_DIR.parent / 'sweeps'}]")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+        return compose(config_name="config", overrides=overrides)
 
 
 def model_path(cfg: DictConfig) -> Path:
