@@ -415,8 +415,8 @@ def _tensor_peak_mb(run):
 
 
 def measure_peak_memory(device, run) -> dict:
-    """peak_mem_mb, peak_mem_delta_mb (over the memory in use before the run),
-    peak_tensor_delta_mb and what was measured (`kind`); see the comment above."""
+    """peak_mem_mb, peak_mem_delta_mb (over the memory in use before the run), on CUDA also
+    peak_tensor_delta_mb, and what was measured (`kind`); see the comment above."""
     import torch
 
     gc.collect()
@@ -445,8 +445,6 @@ def measure_peak_memory(device, run) -> dict:
         out = {"peak_mem_mb": peak / 1024, "peak_mem_delta_mb": (peak - base) / 1024,
                "kind": "cpu: ru_maxrss, monotone over the process (delta: growth of the peak); "
                        "tensor delta: peak live bytes of torch's CPU allocator above the start (profiler memory events)"}
-    gc.collect()
-    out["peak_tensor_delta_mb"] = _tensor_peak_mb(run)
     return out
 
 
@@ -573,6 +571,11 @@ def main(argv=None) -> int:
         m = measure_peak_memory(dev, lambda c=c: run_once(model, seq0, sampler, c, args.seed))
         mem_kind = m.pop("kind")
         r.update(m)
+    if dev.type != "cuda":  # CPU tensor peaks: one profiled run per config, after every RSS run
+        for c in cfgs:
+            gc.collect()
+            results[c.name]["peak_tensor_delta_mb"] = _tensor_peak_mb(
+                lambda c=c: run_once(model, seq0, sampler, c, args.seed))
 
     base_name = cfgs[0].name
     t_base = statistics.median(results[base_name]["times"]) if args.reps else float("nan")
@@ -645,6 +648,8 @@ def main(argv=None) -> int:
             ours = by_row[row["peer_of"]]
             s = row["median_s"] / ours["median_s"]
             row["ours_speedup_over_this"] = round(s, 4)
+            if row["scoring_ms"] is not None and ours["scoring_ms"] is not None:  # less noisy than the totals
+                row["extra_scoring_ms_over_ours"] = round(row["scoring_ms"] - ours["scoring_ms"], 3)
             ours.setdefault("speedup_over_peers", {})[row["config"]] = round(s, 4)
 
     print(f"model: d={dims['d']} layers={dims['layers']} heads={dims['heads']} inter={dims['m']} vocab={dims['vocab']}"
@@ -697,7 +702,8 @@ def main(argv=None) -> int:
         # time_peer / time_ours at the same keep ratio, peers emulated (see peer_classes)
         "speedup_over_peer": {row["config"]: row["ours_speedup_over_this"] for row in peer_rows},
         "speedup_over_peer_min": min((row["ours_speedup_over_this"] for row in peer_rows), default=None),
-        "peer_answers_identical": all(row["same_answer_as_ours"] for row in peer_rows),
+        "peer_extra_scoring_ms": {row["config"]: row.get("extra_scoring_ms_over_ours") for row in peer_rows},
+        "peer_answers_identical": all(row["same_answer_as_ours"] for row in peer_rows) if peer_rows else None,
         "lm_head_saving": {row["config"]: row["lm_head_saving"] for row in rows},
         "peak_mem_delta_mb": {row["config"]: row["peak_mem_delta_mb"] for row in rows},
         "peak_tensor_delta_mb": {row["config"]: row["peak_tensor_delta_mb"] for row in rows},
