@@ -98,9 +98,3 @@ class PruneMethod:
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
-
-
-def response_mask_positions(roles: torch.Tensor, seq) -> torch.Tensor:
-    """Sequence positions of response slots that are still masked."""
-    resp = torch.nonzero(roles == Roles.RESPONSE).squeeze(1)
-    return resp[seq.is_mask.to(resp.device)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dvlm_exp.engine.state import Roles
-from dvlm_exp.pruning.base import PruneMethod, response_mask_positions, topk_sorted
+from dvlm_exp.pruning.base import PruneMethod, topk_sorted
 
 from dvlm_exp.pruning.fastv_queries import QUERY_SETS  # noqa: E402
 
@@ -32,7 +32,7 @@ class FastV(PruneMethod):
         self.query_set = query_set
 
     def query_index(self, view) -> torch.Tensor:
-        roles, seq = view.roles, view.seq
+        roles = view.roles
         n = roles.numel()
         if self.query_set == "last_token":
             return torch.tensor([n - 1])
@@ -40,8 +40,8 @@ class FastV(PruneMethod):
             return torch.arange(n)
         if self.query_set == "last_prompt_token":
             return torch.nonzero(roles != Roles.RESPONSE).squeeze(1)[-1:]
-        idx = response_mask_positions(roles, seq)
-        return idx if idx.numel() else torch.nonzero(roles == Roles.RESPONSE).squeeze(1)
+        idx = view.masked_response_index()
+        return idx if idx.numel() else view.response_index
 
     def select(self, view, scores):
         return topk_sorted(scores, self.k(view))
