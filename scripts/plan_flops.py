@@ -96,7 +96,10 @@ def model_dims(cfg) -> tuple[dict, object, str]:
         return plan.dims_from_config(source[0], tower=source[1], resize_vocab=resize), source, f"tiny spec ({m.name})"
     if OmegaConf.is_missing(m, "path") or m.get("path") in (None, ""):
         raise ConfigError(f"model={m.name} needs model.path=/path/to/checkpoint (a folder with its config.json)")
-    return plan.dims_from_config(m.path, resize_vocab=resize), (m.path, None), str(Path(m.path) / "config.json")
+    from dvlm_exp.paths import resolve_path
+
+    path = resolve_path(m.path)
+    return plan.dims_from_config(path, resize_vocab=resize), (path, None), str(path / "config.json")
 
 
 def count_text(cfg, question: str) -> int:
@@ -105,7 +108,10 @@ def count_text(cfg, question: str) -> int:
     from dvlm_exp.models.checkpoint import TOKENIZER_FILES
     from dvlm_exp.models.llada_v import IMAGE_TOKEN_INDEX
 
+    from dvlm_exp.paths import resolve_path
+
     path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.get("path")
+    path = resolve_path(path) if path else None
     if not path or not all((Path(path) / f).is_file() for f in TOKENIZER_FILES):
         raise PlanError(f"--question needs the tokenizer ({', '.join(TOKENIZER_FILES)}) in model.path; "
                         f"give --n-text instead")

@@ -30,7 +30,7 @@ def dvlm_cache(tmp_path_factory):
 def tiny_cfg():
     from dvlm_exp.runner import compose_config
 
-    return compose_config(["limit=2"])
+    return compose_config(["model=tiny", "task=synth_docvqa", "limit=2"])
 
 
 @pytest.fixture(scope="session")

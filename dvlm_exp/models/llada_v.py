@@ -274,6 +274,10 @@ class LLaDAV(nn.Module):
     @torch.no_grad()
     def encode_views(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[V,3,S,S] -> projected patch features [V, P, d] (encoder output before post-LN)."""
+        return self.project_views(pixel_values)
+
+    def project_views(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`encode_views` with autograd (training, scripts/train_tiny.py)."""
         vt = self.vision_tower
         x = pixel_values.to(device=self.device, dtype=vt.embeddings.patch_embedding.weight.dtype)
         h = vt.embeddings(x)

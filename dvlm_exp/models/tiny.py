@@ -91,27 +91,53 @@ def _init_(model, seed: int) -> None:
             p.copy_(val)
 
 
-def write_checkpoint(out_dir: str | Path, spec: dict | None = None, seed: int = 0) -> Path:
-    """Write a tiny random LLaDA-V checkpoint in the official layout (atomically)."""
+def build_model(spec: dict | None = None, seed: int = 0, init: str = "peaky"):
+    """An `LLaDAV` of the given dims: init "peaky" (the golden checkpoint's recipe) or
+    "train" (PyTorch / transformers default init under `seed`, for training)."""
     import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
     from transformers import SiglipVisionConfig
 
-    from dvlm_exp.models.llada_v import LLaDAV, ours_to_official
+    from dvlm_exp.models.llada_v import LLaDAV
+
+    spec = {**DEFAULT_SPEC, **(spec or {})}
+    tc = tower_config(spec)
+    vcfg = SiglipVisionConfig(**{k: v for k, v in tc.items() if k not in ("architectures", "model_type", "image_mean")},
+                              vision_use_head=False)
+    vcfg.num_hidden_layers = spec["vision_layers"]
+    torch.manual_seed(seed)
+    model = LLaDAV(official_config(spec), vcfg)
+    if init == "peaky":
+        _init_(model, seed)
+    elif init != "train":
+        raise ValueError(f"init must be 'peaky' or 'train', got {init!r}")
+    return model
+
+
+def write_checkpoint(out_dir: str | Path, spec: dict | None = None, seed: int = 0, model=None,
+                     tokenizer_dir: str | Path | None = None, meta: dict | None = None) -> Path:
+    """Write a tiny LLaDA-V checkpoint in the official layout (atomically): random weights from
+    `seed`, or the given (trained) `model`; the tokenizer is built offline, or copied from
+    `tokenizer_dir`; `meta` goes into dvlm_tiny.json."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from dvlm_exp.models.llada_v import ours_to_official
     from dvlm_exp.models.tokenizer_tiny import build_llada_tokenizer
 
     spec = {**DEFAULT_SPEC, **(spec or {})}
     out_dir = Path(out_dir)
     cfg = official_config(spec)
     tc = tower_config(spec)
-    vcfg = SiglipVisionConfig(**{k: v for k, v in tc.items() if k not in ("architectures", "model_type", "image_mean")},
-                              vision_use_head=False)
-    vcfg.num_hidden_layers = spec["vision_layers"]
-    torch.manual_seed(seed)
-    model = LLaDAV(cfg, vcfg)
-    _init_(model, seed)
+    if model is None:
+        model = build_model(spec, seed)
     state = {ours_to_official(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    if tokenizer_dir is not None:  # e.g. a compact tokenizer: its special ids are the truth
+        from transformers import PreTrainedTokenizerFast
+
+        from dvlm_exp.models.tokenizer_tiny import special_ids_from_tokenizer
+
+        ids = special_ids_from_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir)))
+        cfg.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
@@ -124,11 +150,15 @@ def write_checkpoint(out_dir: str | Path, spec: dict | None = None, seed: int = 
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 126080, "eos_token_id": 126081}, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2))
         (tmp / TOWER_DIR).mkdir()
         (tmp / TOWER_DIR / "config.json").write_text(json.dumps(tc, indent=2))
-        build_llada_tokenizer(tmp, vocab_size=spec["vocab_size"])
-        (tmp / "dvlm_tiny.json").write_text(json.dumps({"spec": spec, "seed": seed}, indent=2, sort_keys=True))
+        if tokenizer_dir is None:
+            build_llada_tokenizer(tmp, vocab_size=spec["vocab_size"])
+        else:
+            for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+        (tmp / "dvlm_tiny.json").write_text(json.dumps({"spec": spec, "seed": seed, **(meta or {})}, indent=2, sort_keys=True))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

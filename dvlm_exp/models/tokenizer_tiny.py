@@ -301,9 +301,16 @@ def _train_bpe(texts: list[str], bpe_vocab: int):
     return tok
 
 
-def _layout_backend(trained) -> Any:
+def compact_added_tokens(n_bpe: int) -> tuple[tuple[int, str], ...]:
+    """The 269 LLaDA added tokens, same names and order, renumbered to follow a BPE
+    vocabulary of n_bpe entries (the compact layout)."""
+    return tuple((n_bpe + k, content) for k, (_, content) in enumerate(LLADA_ADDED_TOKENS))
+
+
+def _layout_backend(trained, compact: bool = False) -> Any:
     """Pad the trained BPE vocabulary to 126080 with fillers and append the official
-    added tokens, which then land on their official ids 126080..126348."""
+    added tokens, which then land on their official ids 126080..126348. `compact`: no
+    fillers; the added tokens follow the BPE vocabulary (small models, e.g. the sandbox)."""
     from tokenizers import Tokenizer
 
     spec = json.loads(trained.to_str())
@@ -311,13 +318,15 @@ def _layout_backend(trained) -> Any:
     n_bpe = len(vocab)
     if sorted(vocab.values()) != list(range(n_bpe)):
         raise RuntimeError("trained BPE vocabulary is not contiguous")
-    for tid in range(n_bpe, LLADA_BASE_VOCAB_SIZE):
-        vocab[_FILLER.format(tid)] = tid
+    added = compact_added_tokens(n_bpe) if compact else LLADA_ADDED_TOKENS
+    if not compact:
+        for tid in range(n_bpe, LLADA_BASE_VOCAB_SIZE):
+            vocab[_FILLER.format(tid)] = tid
     spec["added_tokens"] = [
-        {"id": tid, **_added_token_dict(content)} for tid, content in LLADA_ADDED_TOKENS
+        {"id": tid, **_added_token_dict(content)} for tid, content in added
     ]
     backend = Tokenizer.from_str(json.dumps(spec))
-    for tid, content in LLADA_ADDED_TOKENS:
+    for tid, content in added:
         got = backend.token_to_id(content)
         if got != tid:  # would mean tokenizers renumbered the added tokens
             raise RuntimeError(f"{content!r} got id {got}, expected {tid}")
@@ -330,19 +339,22 @@ def build_llada_tokenizer(
     bpe_vocab: int = 2048,
     corpus: Iterable[str] | None = None,
     seed: int = 0,
+    compact: bool = False,
 ) -> Path:
     """Train and save a tiny LLaDA-layout fast tokenizer into ``out_dir``; return the path.
 
-    ``vocab_size`` is the model's embedding size; only the official layout is
-    supported (``vocab_size >= 126349``, the ids above ``len(tokenizer)`` are model
-    padding rows).  ``bpe_vocab`` caps the trained BPE (ordinary text gets ids in
+    ``vocab_size`` is the model's embedding size: in the official layout
+    ``vocab_size >= 126349`` (the ids above ``len(tokenizer)`` are model padding rows);
+    ``compact=True`` drops the filler entries, so the 269 added tokens (same names and
+    order) follow the trained BPE and ``vocab_size >= n_bpe + 269`` (the sandbox model;
+    special ids are then read from the tokenizer, never assumed).  ``bpe_vocab`` caps the trained BPE (ordinary text gets ids in
     ``[0, bpe_vocab)``).  ``corpus`` adds text to the built-in synthetic corpus
     generated from ``seed``.  Fully offline; two builds with equal arguments write
     byte-identical files (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
     """
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < LLADA_TOKENIZER_LEN:
+    if not compact and vocab_size < LLADA_TOKENIZER_LEN:
         raise ValueError(
             f"vocab_size={vocab_size} < {LLADA_TOKENIZER_LEN}: the tiny tokenizer keeps the official LLaDA "
             f"special-token ids (up to 126348), so the model vocabulary must cover them (official: 126464)"
@@ -354,7 +366,11 @@ def build_llada_tokenizer(
     if corpus is not None:
         texts += [str(t) for t in corpus]
 
-    backend, _ = _layout_backend(_train_bpe(texts, bpe_vocab))
+    backend, n_bpe = _layout_backend(_train_bpe(texts, bpe_vocab), compact=compact)
+    added = compact_added_tokens(n_bpe) if compact else LLADA_ADDED_TOKENS
+    if compact and vocab_size < n_bpe + len(added):
+        raise ValueError(f"vocab_size={vocab_size} < {n_bpe + len(added)} (compact tokenizer: {n_bpe} BPE + "
+                         f"{len(added)} added tokens)")
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -386,7 +402,7 @@ def build_llada_tokenizer(
         {
             "add_bos_token": False,
             "add_eos_token": False,
-            "added_tokens_decoder": {str(tid): _added_token_dict(c) for tid, c in LLADA_ADDED_TOKENS},
+            "added_tokens_decoder": {str(tid): _added_token_dict(c) for tid, c in added},
             "additional_special_tokens": list(_ADDITIONAL_SPECIAL_TOKENS),
             "bos_token": "<|startoftext|>",
             "chat_template": LLADA_CHAT_TEMPLATE,

@@ -1,0 +1,156 @@
+"""Synthetic shape-and-colour VQA: the sandbox task where a few visual tokens matter.
+
+Each image is a small square canvas (112 px = 8 x 8 SigLIP patches of the sandbox model) on a
+plain background with four small objects (circle, square, triangle, cross), each inside one
+patch cell (so one visual token per view carries it) and each in a different colour. A question names one object by shape or by colour:
+
+    "What color is the triangle?"  -> "blue"
+    "Which shape is red?"          -> "circle"
+
+so the answer is readable only from the one patch the target lies in: the rest of the image
+(background and distractors) is redundant for that question. Attention-based pruning that finds
+the target keeps accuracy; random pruning loses the target at low keep ratios.
+
+`make_sample(split_seed, index)` is pure (a `random.Random` seeded per sample), so the training
+stream (`scripts/train_tiny.py`, split "train") and the held-out evaluation set (split "test",
+a different seed stream) never share a sample. The evaluation folder is a
+`DatasetDict({"test": ...}).save_to_disk` written atomically by `ensure` (dvlm_exp/data/publish.py);
+lmms-eval reads it through dvlm_exp/tasks/synth_shapes/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from dvlm_exp.data import publish
+
+GENERATOR_ID = "dvlm_exp.data.synth_shapes"
+GENERATOR_VERSION = "1"
+TASK_NAME = "synth_shapes"
+SPLIT = "test"
+SIZE = 112            # canvas side (the sandbox tower sees 112 px views: 8 x 8 patches of 14 px)
+CELL = 14             # one SigLIP patch; every object lies inside one cell
+GRID = SIZE // CELL
+N_OBJECTS = 4
+OBJ_MIN, OBJ_MAX = 10, 13  # object side in pixels
+SHAPES = ("circle", "square", "triangle", "cross")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (235, 200, 30), "purple": (150, 60, 190), "orange": (245, 130, 20)}
+BACKGROUNDS = ((235, 235, 235), (225, 230, 240), (240, 232, 220))
+POST_PROMPT = "\nAnswer with one word."
+# Seed streams: the held-out set and the training stream never overlap.
+STREAMS = {"test": 0, "train": 1}
+
+
+def _rng(stream: str, seed: int, index: int) -> random.Random:
+    return random.Random(f"{GENERATOR_ID}/{STREAMS[stream]}/{int(seed)}/{int(index)}")
+
+
+def make_spec(stream: str, seed: int, index: int) -> dict:
+    """Everything random about one sample: objects (shape, colour, box) and the question."""
+    rng = _rng(stream, seed, index)
+    colors = rng.sample(sorted(COLORS), N_OBJECTS)
+    shapes = list(SHAPES)
+    rng.shuffle(shapes)
+    objects = []
+    for (r, c), shape, color in zip(rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], N_OBJECTS),
+                                    shapes, colors):
+        s = rng.randint(OBJ_MIN, OBJ_MAX)
+        x, y = c * CELL + rng.randint(0, CELL - s), r * CELL + rng.randint(0, CELL - s)
+        objects.append({"shape": shape, "color": color, "box": [x, y, x + s, y + s]})
+    target = rng.randrange(N_OBJECTS)
+    t = objects[target]
+    if rng.random() < 0.5:
+        question, answer = f"What color is the {t['shape']}?", t["color"]
+    else:
+        question, answer = f"Which shape is {t['color']}?", t["shape"]
+    return {"objects": objects, "target": target, "question": question, "answer": answer,
+            "background": list(rng.choice(BACKGROUNDS))}
+
+
+def render(spec: dict) -> Image.Image:
+    img = Image.new("RGB", (SIZE, SIZE), tuple(spec["background"]))
+    d = ImageDraw.Draw(img)
+    for o in spec["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        c = COLORS[o["color"]]
+        if o["shape"] == "circle":
+            d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=c)
+        elif o["shape"] == "square":
+            d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=c)
+        elif o["shape"] == "triangle":
+            d.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=c)
+        else:  # cross
+            w = max(3, (x1 - x0) // 3)
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            d.rectangle((x0, cy - w // 2, x1 - 1, cy - w // 2 + w - 1), fill=c)
+            d.rectangle((cx - w // 2, y0, cx - w // 2 + w - 1, y1 - 1), fill=c)
+    return img
+
+
+def make_sample(stream: str, seed: int, index: int) -> dict:
+    spec = make_spec(stream, seed, index)
+    return {"question_id": f"{stream}-{seed}-{index}", "question": spec["question"], "answer": spec["answer"],
+            "image": render(spec), "meta": json.dumps(spec, sort_keys=True)}
+
+
+def doc_text(question: str) -> str:
+    """The prompt text the model sees (the lmms-eval task's doc_to_text; training uses the same)."""
+    return question + POST_PROMPT
+
+
+def normalize(text: str) -> str:
+    """Prediction -> answer form for exact match: first word, lower case, no punctuation."""
+    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
+
+
+def target_patches(spec: dict, patch: int = 14) -> list[tuple[int, int]]:
+    """(row, col) of the patches the target object's box touches, on the SIZE x SIZE view."""
+    x0, y0, x1, y1 = spec["objects"][spec["target"]]["box"]
+    return [(r, c) for r in range(y0 // patch, (y1 - 1) // patch + 1) for c in range(x0 // patch, (x1 - 1) // patch + 1)]
+
+
+def _expected(n: int, seed: int) -> dict:
+    return {"generator": GENERATOR_ID, "version": GENERATOR_VERSION, "n": n, "seed": seed, "split": SPLIT,
+            "task": TASK_NAME}
+
+
+def _build(tmp_dir: Path, n: int, seed: int) -> None:
+    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+
+    rows = [make_sample("test", seed, i) for i in range(n)]
+    for r in rows:
+        buf = io.BytesIO()
+        r["image"].save(buf, format="PNG")
+        r["image"] = {"bytes": buf.getvalue(), "path": None}
+    feats = Features({"question_id": Value("string"), "question": Value("string"), "answer": Value("string"),
+                      "image": ImageFeature(), "meta": Value("string")})
+    ds = Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats, split=SPLIT)
+    DatasetDict({SPLIT: ds}).save_to_disk(str(tmp_dir))
+
+
+def is_complete(out_dir: str | Path, n: int | None = None, seed: int | None = None) -> bool:
+    exp = {k: v for k, v in _expected(n, seed).items() if v is not None}
+    return publish.is_complete(out_dir, exp)
+
+
+def ensure(out_dir: str | Path, n: int = 64, seed: int = 0) -> Path:
+    """The held-out evaluation set for (n, seed) at out_dir, written once (atomically) and reused."""
+    if n < 1 or seed < 0:
+        raise ValueError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
+    return publish.publish(out_dir, _expected(n, seed), lambda tmp: _build(tmp, n, seed))
+
+
+def task_entry(data_dir: str | Path) -> dict:
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not is_complete(data_dir):
+        raise FileNotFoundError(f"{data_dir} is not a complete {TASK_NAME} dataset (generator v{GENERATOR_VERSION}); "
+                                f"re-create it with dvlm_exp.data.synth_shapes.ensure('{data_dir}', n, seed)")
+    return {"task": TASK_NAME, "dataset_path": str(data_dir)}
