@@ -47,6 +47,9 @@ def sample_flops(rec, dims: dict, convention: str = "exact") -> dict:
     T = dims["layers"]
     decoder = sum(c * layer_flops(nq, nk, dims, convention) for (nq, nk), c in rec.layer_calls.items())
     base_decoder = sum(c * T * layer_flops(n, n, dims, convention) for n, c in rec.baseline_forwards.items())
+    ar_base = getattr(rec, "baseline_layer_calls", None)
+    if ar_base:  # AR prefill + cached decode (engine/ar.py): the baseline is per layer call
+        base_decoder = sum(c * layer_flops(nq, nk, dims, convention) for (nq, nk), c in ar_base.items())
     out = {"decoder": decoder, "baseline_decoder": base_decoder}
     if convention == "exact":
         head = 2 * rec.lm_head_rows * dims["d"] * dims["vocab"]
@@ -73,3 +76,31 @@ def summarize(samples: list, dims: dict) -> dict:
     exact = result["exact"]
     return {"total": exact["total"], "baseline_total": exact["baseline_total"], "reduction": exact["reduction"],
             "convention": "exact", "by_convention": result}
+
+
+# ------------------------------------------------------------------ autoregressive (LLaVA baselines)
+def ar_decode_flops_eq7(n: int, L: int, dims: dict) -> int:
+    """The study's Eq. 7 (paper convention): decoding L tokens with a KV cache after an n-token
+    prompt, `T·(4·L·d² + 2·L·d·m + d·L·(2n + L − 1))`: decode token i (0-based) attends to
+    n + i keys. `dims["layers"]` is T."""
+    T, d, m = dims["layers"], dims["d"], dims["m"]
+    return T * (4 * L * d * d + 2 * L * d * m + d * L * (2 * n + L - 1))
+
+
+def ar_flops_paper(prefill_lengths: list[int], L: int, dims: dict) -> int:
+    """Prefill + cached decode, paper convention, from per-layer token counts.
+
+    `prefill_lengths[l]`: tokens layer l ran in the prefill (= what it caches; n before the pruning
+    layer, n̂ from it on). `L`: decode steps (tokens fed back). Decode step j = 1..L attends to the
+    layer's cache plus the j tokens fed so far, i.e. Eq. 7 per layer with n = n_l + 1."""
+    one = dict(dims, layers=1)
+    return sum(layer_flops(n, n, dims, "fastv_paper") + ar_decode_flops_eq7(n + 1, L, one) for n in prefill_lengths)
+
+
+def fastv_prefill_ratio(n: int, n_visual: int, K: int, R: float, dims: dict) -> float:
+    """FastV paper's prefill FLOPs ratio: [K·f(n) + (T−K)·f(n̂)] / [T·f(n)], n̂ = n − round(R·N_vis),
+    f = `layer_flops(·, ·, "fastv_paper")` (R: fraction of visual tokens dropped)."""
+    T = dims["layers"]
+    n_hat = n - round(R * n_visual)
+    f = lambda x: layer_flops(x, x, dims, "fastv_paper")  # noqa: E731
+    return (K * f(n) + (T - K) * f(n_hat)) / (T * f(n))

@@ -20,6 +20,9 @@ class SampleRecord:
     layer_calls: Counter = field(default_factory=Counter)
     # full (unpruned) sequence length -> number of forwards, for the baseline
     baseline_forwards: Counter = field(default_factory=Counter)
+    # AR decoding (engine/ar.py): unpruned (n_query, n_key) -> layer calls; when non-empty it is
+    # the baseline instead of `baseline_forwards` (a cached decode step is not a square forward)
+    baseline_layer_calls: Counter = field(default_factory=Counter)
     lm_head_rows: int = 0
     baseline_lm_head_rows: int = 0
     scoring_flops: int = 0
