@@ -43,14 +43,24 @@ def postprocess(text: str, strip_period: bool) -> str:
 
 class Generator:
     def __init__(self, model, pruner, schedule, preset: GenPreset, position_ids: str = "keep", seed: int = 0,
-                 probes=()):
+                 probes=(), sampler_kwargs: dict | None = None):
         self.model = model
         self.pruner = pruner
         self.preset = preset
         self.seed = seed
         self.recorder = Recorder()
+        if getattr(model, "decoding", "diffusion") == "ar":
+            # AR baselines (LLaVA): causal prefill with the method's hooks, then greedy decoding
+            # with the pruned KV cache (dvlm_exp/engine/ar.py); gen_length = max_new_tokens
+            from dvlm_exp.engine.ar import AREngine, GreedyARSampler
+
+            self.engine = AREngine(model, pruner, schedule, self.recorder, position_ids=position_ids, probes=probes)
+            self.sampler = GreedyARSampler(preset.gen_length, model.eos_ids, preset.temperature)
+            return
         self.engine = Engine(model, pruner, schedule, self.recorder, position_ids=position_ids, probes=probes)
-        self.sampler = MaskedDiffusionSampler(preset.sampler_config(), model.banned_ids)
+        # The model picks its sampler (LaViDa-Dream: DreamSampler); model.sampler options go to it.
+        sampler_cls = getattr(model, "sampler_class", MaskedDiffusionSampler)
+        self.sampler = sampler_cls(preset.sampler_config(), model.banned_ids, **(sampler_kwargs or {}))
 
     def generate(self, question: str, images: list, until: list[str] | None = None, sample_id: int = 0) -> str:
         p = self.preset
@@ -71,4 +81,4 @@ class Generator:
         rec.latency_s = time.perf_counter() - t0
         rec.generated_tokens = len(out_ids)
         rec.output_ids = out_ids
-        return postprocess(self.model.decode(out_ids), p.strip_period)
+        return postprocess(self.model.decode(out_ids), p.strip_period and getattr(self.model, "strips_period", True))

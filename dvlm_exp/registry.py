@@ -58,6 +58,10 @@ PRUNERS.register("skip", "dvlm_exp.pruning.skip.LayerSkip")
 # Model families: one file each in dvlm_exp/models/, yamls in conf/model/ name a family.
 MODEL_FAMILIES = Registry("model family")
 MODEL_FAMILIES.register("llada_v", "dvlm_exp.models.llada_v.LLaDAV")
+MODEL_FAMILIES.register("lavida_llada", "dvlm_exp.models.lavida.LaViDaLLaDA")
+MODEL_FAMILIES.register("lavida_dream", "dvlm_exp.models.lavida.LaViDaDream")
+MODEL_FAMILIES.register("llava_1_5", "dvlm_exp.models.llava_hf.LlavaHF")  # AR baselines (engine/ar.py)
+MODEL_FAMILIES.register("llava_next", "dvlm_exp.models.llava_hf.LlavaNextHF")
 
 # Denoising-step schedules (conf/schedule/): when a pruning decision is taken.
 SCHEDULES = Registry("schedule")

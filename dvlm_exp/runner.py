@@ -42,11 +42,18 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 def model_path(cfg: DictConfig) -> Path:
     m = cfg.model
+    if m.get("tiny") is not None and m.get("tiny_writer"):  # another family's tiny writer (e.g. tiny_llava)
+        import importlib
+
+        writer = importlib.import_module(str(m.tiny_writer))
+        return writer.ensure_checkpoint(cache_dir() / "models", OmegaConf.to_container(m.tiny), seed=int(m.get("init_seed", 0)))
     if m.get("tiny") is not None:
         from dvlm_exp.models.tiny import ensure_checkpoint
 
         return ensure_checkpoint(cache_dir() / "models", OmegaConf.to_container(m.tiny), seed=int(m.get("init_seed", 0)))
-    return Path(m.path)
+    from dvlm_exp.paths import resolve_path
+
+    return resolve_path(m.path)
 
 
 def load_model(cfg: DictConfig):
@@ -87,7 +94,9 @@ def build_generator(cfg: DictConfig):
     g = OmegaConf.to_container(cfg.task.gen, resolve=True)
     preset = GenPreset(**g)
     return Generator(model, build_pruner(cfg), build_schedule(cfg), preset,
-                     position_ids=cfg.prune.get("position_ids", "keep"), seed=int(cfg.seed))
+                     position_ids=cfg.prune.get("position_ids", "keep"), seed=int(cfg.seed),
+                     sampler_kwargs=OmegaConf.to_container(cfg.model.sampler, resolve=True)
+                     if cfg.model.get("sampler") else None)  # e.g. LaViDa-Dream's alg (conf/model/lavida_dream.yaml)
 
 
 def task_entry(cfg: DictConfig) -> dict:

@@ -25,7 +25,14 @@ def model_depth(cfg: DictConfig) -> int:
     if OmegaConf.is_missing(m, "path") or m.get("path") in (None, ""):
         raise ConfigError(f"model={m.name} needs model.path=/path/to/checkpoint (a local copy of the released weights)")
     try:
-        return int(read_config(m.path, m.get("model_type", "llava_llada"))["num_hidden_layers"])
+        from dvlm_exp.paths import resolve_path
+
+        c = read_config(resolve_path(m.path), m.get("model_type", "llava_llada"))
+        if "num_hidden_layers" not in c and isinstance(c.get("text_config"), dict):  # llava-hf: nested text config
+            from dvlm_exp.models.llava_layout import text_num_layers
+
+            return text_num_layers(c)
+        return int(c["num_hidden_layers"] if "num_hidden_layers" in c else c["n_layers"])  # n_layers: OLMo-named LLaDA (LaViDa)
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
 

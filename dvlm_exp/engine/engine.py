@@ -233,7 +233,8 @@ class Engine:
         if response_rows is None:
             rows = torch.arange(hidden.shape[1], device=dev)
         else:
-            rows = hidden.shape[1] - seq.gen_length + response_rows
+            # logit_shift: models that predict slot i at position i-1 (Dream) read shifted rows
+            rows = hidden.shape[1] - seq.gen_length + response_rows - int(getattr(m, "logit_shift", 0))
         out = m.norm(hidden[:, rows])
         logits = _lm_head(m.lm_head, out)[0].float()
         n_rows = int(rows.numel())
