@@ -43,7 +43,7 @@ def postprocess(text: str, strip_period: bool) -> str:
 
 class Generator:
     def __init__(self, model, pruner, schedule, preset: GenPreset, position_ids: str = "keep", seed: int = 0,
-                 probes=(), sampler_kwargs: dict | None = None):
+                 probes=(), sampler_kwargs: dict | None = None, prefix_cache: bool | str = False):
         self.model = model
         self.pruner = pruner
         self.preset = preset
@@ -57,7 +57,13 @@ class Generator:
             self.engine = AREngine(model, pruner, schedule, self.recorder, position_ids=position_ids, probes=probes)
             self.sampler = GreedyARSampler(preset.gen_length, model.eos_ids, preset.temperature)
             return
-        self.engine = Engine(model, pruner, schedule, self.recorder, position_ids=position_ids, probes=probes)
+        if prefix_cache:  # LaViDa Prefix-DLM (dvlm_exp/engine/prefix.py): true = cache, "mask_only" = mask, no cache
+            from dvlm_exp.engine.prefix import PrefixEngine
+
+            self.engine = PrefixEngine(model, pruner, schedule, self.recorder, position_ids=position_ids,
+                                       probes=probes, cache=prefix_cache is True)
+        else:
+            self.engine = Engine(model, pruner, schedule, self.recorder, position_ids=position_ids, probes=probes)
         # The model picks its sampler (LaViDa-Dream: DreamSampler); model.sampler options go to it.
         sampler_cls = getattr(model, "sampler_class", MaskedDiffusionSampler)
         self.sampler = sampler_cls(preset.sampler_config(), model.banned_ids, **(sampler_kwargs or {}))

@@ -96,7 +96,8 @@ def build_generator(cfg: DictConfig):
     return Generator(model, build_pruner(cfg), build_schedule(cfg), preset,
                      position_ids=cfg.prune.get("position_ids", "keep"), seed=int(cfg.seed),
                      sampler_kwargs=OmegaConf.to_container(cfg.model.sampler, resolve=True)
-                     if cfg.model.get("sampler") else None)  # e.g. LaViDa-Dream's alg (conf/model/lavida_dream.yaml)
+                     if cfg.model.get("sampler") else None,  # e.g. LaViDa-Dream's alg (conf/model/lavida_dream.yaml)
+                     prefix_cache=cfg.model.get("prefix_cache", False))  # LaViDa Prefix-DLM (engine/prefix.py)
 
 
 def task_entry(cfg: DictConfig) -> dict:

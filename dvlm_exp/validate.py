@@ -95,6 +95,10 @@ def check(cfg: DictConfig, data: bool = True) -> None:
             raise ConfigError(f"schedule.step={s} is outside [0, {g.steps - 1}]: the run has task.gen.steps={g.steps} denoising steps")
 
     _check_schedule(cfg, g)
+    if cfg.model.get("prefix_cache", False) is not False:  # LaViDa Prefix-DLM: step-0 methods only
+        from dvlm_exp.engine.prefix import check_config as check_prefix_cache
+
+        check_prefix_cache(cfg)
     if cfg.model.get("tiny") is None:
         model_depth(cfg)  # checks model.path before anything loads
     _check_prune(cfg)
