@@ -23,7 +23,7 @@ def run_cli(*args, timeout=600, env_extra=None):
                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
-def check_record(run_dir: Path, prune: str) -> dict:
+def check_record(run_dir: Path, prune: str, metric: str = "anls,none") -> dict:
     from dvlm_exp.record import is_complete
 
     assert is_complete(run_dir)
@@ -32,7 +32,7 @@ def check_record(run_dir: Path, prune: str) -> dict:
         assert isinstance(rec[key], typ), key
     assert rec["status"] == "complete"
     assert rec["config"]["prune"]["name"] == prune
-    assert "anls,none" in rec["metrics"]
+    assert metric in rec["metrics"]
     f = rec["flops"]
     assert {"total", "baseline_total", "reduction", "convention"} <= set(f)
     assert set(rec["tokens"]) >= {"visual_per_sample", "visual_kept_avg"}
@@ -46,12 +46,14 @@ def check_record(run_dir: Path, prune: str) -> dict:
 
 
 def test_default_run(tmp_path):
+    """No arguments but the sample count: the trained sandbox on its held-out shapes task."""
     p = run_cli("limit=2", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
-    rec = check_record(tmp_path, "none")
+    rec = check_record(tmp_path, "none", metric="exact_match,none")
+    assert rec["config"]["model"]["name"] == "sandbox" and rec["task"] == "synth_shapes"
     assert rec["flops"]["reduction"] == 0.0
     assert rec["tokens"]["visual_kept_avg"] == sum(rec["tokens"]["visual_per_sample"]) / 2
-    assert "reduction" in p.stdout and "results.json" in p.stdout and "anls=" in p.stdout
+    assert "reduction" in p.stdout and "results.json" in p.stdout and "exact_match=" in p.stdout
 
 
 def test_fastv_run_with_wandb_offline(tmp_path):
@@ -75,7 +77,7 @@ def test_multirun_one_record_per_job(tmp_path):
     prunes = sorted(json.loads((d / "results.json").read_text())["config"]["prune"]["name"] for d in jobs)
     assert prunes == ["fastv", "none"]
     for d in jobs:
-        check_record(d, json.loads((d / "results.json").read_text())["config"]["prune"]["name"])
+        check_record(d, json.loads((d / "results.json").read_text())["config"]["prune"]["name"], "exact_match,none")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -92,7 +94,7 @@ def test_multirun_one_record_per_job(tmp_path):
     (["model=llada_v", "model.path=/nonexistent/LLaDA-V"], "/nonexistent/LLaDA-V is not a directory"),
 ])
 def test_bad_input_fails_before_loading(tmp_path, args, needle):
-    p = run_cli(*args, f"hydra.run.dir={tmp_path}", timeout=120)
+    p = run_cli("task=synth_docvqa", *args, f"hydra.run.dir={tmp_path}", timeout=120)  # the DocVQA preset 32/32/16
     assert p.returncode != 0
     assert needle in p.stderr, p.stderr[-2000:]
     assert len([ln for ln in p.stderr.strip().splitlines() if ln.startswith("error:")]) == 1

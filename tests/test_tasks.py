@@ -149,7 +149,7 @@ def test_gen_overrides_and_prompt_switch():
     with pytest.raises(ConfigError, match=r"task\.gen\.think=maybe"):
         check(compose("task=mme", "task.gen.think=maybe"), data=False)
     # synth_docvqa carries the DocVQA preset and, like the official wrapper, ignores `until`
-    g = compose().task.gen
+    g = compose("task=synth_docvqa").task.gen
     assert (g.gen_length, g.block_length, g.steps, g.honor_until) == (32, 32, 16, False)
 
 

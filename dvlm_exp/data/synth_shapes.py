@@ -2,12 +2,11 @@
 
 Each image is a small square canvas (112 px = 8 x 8 SigLIP patches of the sandbox model) on a
 plain background with four small objects (circle, square, triangle, cross), each inside one
-patch cell (so one visual token per view carries it) and each in a different colour. A question names one object by shape or by colour:
+patch cell (so one visual token per view carries it): one in colour, three grey distractors.
 
-    "What color is the triangle?"  -> "blue"
-    "Which shape is red?"          -> "circle"
+    "What color is the colored shape?"  -> "blue"
 
-so the answer is readable only from the one patch the target lies in: the rest of the image
+so the answer is readable only from the one patch the coloured object lies in: the rest of the image
 (background and distractors) is redundant for that question. Attention-based pruning that finds
 the target keeps accuracy; random pruning loses the target at low keep ratios.
 
@@ -42,7 +41,11 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 200, 30), "purple": (150, 60, 190), "orange": (245, 130, 20)}
 BACKGROUNDS = ((235, 235, 235), (225, 230, 240), (240, 232, 220))
+GREY = (90, 170)      # distractors: grey shapes
 POST_PROMPT = "\nAnswer with one word."
+# Shape questions ("Which shape is colored?") were tried: a 4-layer model trained for 20 min
+# on 2 CPU cores did not learn one-patch shape recognition (held-out accuracy stalled at ~0.6).
+QUESTIONS = ("What color is the colored shape?", "What is the color of the colored object?")
 # Seed streams: the held-out set and the training stream never overlap.
 STREAMS = {"test": 0, "train": 1}
 
@@ -51,24 +54,29 @@ def _rng(stream: str, seed: int, index: int) -> random.Random:
     return random.Random(f"{GENERATOR_ID}/{STREAMS[stream]}/{int(seed)}/{int(index)}")
 
 
-def make_spec(stream: str, seed: int, index: int) -> dict:
-    """Everything random about one sample: objects (shape, colour, box) and the question."""
+def make_spec(stream: str, seed: int, index: int, n_objects: int = N_OBJECTS, scale: int = 1) -> dict:
+    """Everything random about one sample: objects (shape, colour, box) and the question.
+    `n_objects` < 4 and `scale` > 1 (objects `scale` x `scale` patches large, in cells of that
+    size) only for training's curriculum; the task always has 4 one-patch objects."""
+    if not 1 <= n_objects <= len(SHAPES) or scale not in (1, 2, 4):
+        raise ValueError(f"need n_objects in [1, {len(SHAPES)}] and scale in (1, 2, 4), got {n_objects}, {scale}")
+    grid, cell = GRID // scale, CELL * scale
+    if n_objects > grid * grid:
+        raise ValueError(f"{n_objects} objects do not fit a {grid} x {grid} grid")
     rng = _rng(stream, seed, index)
-    colors = rng.sample(sorted(COLORS), N_OBJECTS)
     shapes = list(SHAPES)
     rng.shuffle(shapes)
+    target = rng.randrange(n_objects)
     objects = []
-    for (r, c), shape, color in zip(rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], N_OBJECTS),
-                                    shapes, colors):
-        s = rng.randint(OBJ_MIN, OBJ_MAX)
-        x, y = c * CELL + rng.randint(0, CELL - s), r * CELL + rng.randint(0, CELL - s)
-        objects.append({"shape": shape, "color": color, "box": [x, y, x + s, y + s]})
-    target = rng.randrange(N_OBJECTS)
+    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], n_objects)
+    for i, ((r, c), shape) in enumerate(zip(cells, shapes)):
+        s = rng.randint(OBJ_MIN, OBJ_MAX) * scale
+        x, y = c * cell + rng.randint(0, cell - s), r * cell + rng.randint(0, cell - s)
+        color = rng.choice(sorted(COLORS)) if i == target else None
+        grey = rng.randint(*GREY)
+        objects.append({"shape": shape, "color": color, "grey": grey, "box": [x, y, x + s, y + s]})
     t = objects[target]
-    if rng.random() < 0.5:
-        question, answer = f"What color is the {t['shape']}?", t["color"]
-    else:
-        question, answer = f"Which shape is {t['color']}?", t["shape"]
+    question, answer = rng.choice(QUESTIONS), t["color"]
     return {"objects": objects, "target": target, "question": question, "answer": answer,
             "background": list(rng.choice(BACKGROUNDS))}
 
@@ -78,7 +86,7 @@ def render(spec: dict) -> Image.Image:
     d = ImageDraw.Draw(img)
     for o in spec["objects"]:
         x0, y0, x1, y1 = o["box"]
-        c = COLORS[o["color"]]
+        c = COLORS[o["color"]] if o["color"] else (o["grey"],) * 3
         if o["shape"] == "circle":
             d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=c)
         elif o["shape"] == "square":
@@ -93,8 +101,8 @@ def render(spec: dict) -> Image.Image:
     return img
 
 
-def make_sample(stream: str, seed: int, index: int) -> dict:
-    spec = make_spec(stream, seed, index)
+def make_sample(stream: str, seed: int, index: int, n_objects: int = N_OBJECTS, scale: int = 1) -> dict:
+    spec = make_spec(stream, seed, index, n_objects, scale)
     return {"question_id": f"{stream}-{seed}-{index}", "question": spec["question"], "answer": spec["answer"],
             "image": render(spec), "meta": json.dumps(spec, sort_keys=True)}
 
