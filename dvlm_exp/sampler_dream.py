@@ -143,10 +143,19 @@ class DreamSampler:
         ids = seq.response_ids.clone()
         seq.response_ids = ids
         grid = torch.linspace(1, self.eps, self.grid_steps + 1)
-        fixed = transfer_counts(int((ids == mask_id).sum()), self.steps, self.eps, self.grid_steps,
-                                self.schedule, self.shift)
         if hasattr(engine, "begin_sample"):
             engine.begin_sample(self.steps)
+        if getattr(engine, "prefix_prefill", False):
+            # LaViDa's prefix_lm loop (dream/generation_utils.py): a prefill over the prompt fixes answer
+            # slot 0 to the argmax of the last prompt row, then the steps count the G - 1 masked slots.
+            # Our prefill is the step-0 forward (prefix mask: prompt rows never see the answer).
+            out = engine.forward(seq, 0, torch.zeros(1, dtype=torch.long, device=ids.device))
+            if out.keep is not None:
+                seq = seq.keep_prompt(out.keep, getattr(out, "embeds", None))
+            ids[0] = out.logits[0].argmax()
+            seq.response_ids = ids
+        fixed = transfer_counts(int((ids == mask_id).sum()), self.steps, self.eps, self.grid_steps,
+                                self.schedule, self.shift)
         wants_conf = getattr(engine, "wants_confidence", False)
         all_rows = torch.arange(G, device=ids.device)
         for i in range(self.steps):

@@ -254,7 +254,8 @@ def test_layout_token_count_and_partition_for_anyres_sizes(size):
 def test_analyze_script_end_to_end(tmp_path):
     out = tmp_path / "ana"
     # the documented command; the short generation preset (4 steps) only keeps the test fast
-    cmd = [sys.executable, str(REPO / "scripts" / "analyze.py"), "limit=1", "prune=fastv", "prune.layer=2",
+    cmd = [sys.executable, str(REPO / "scripts" / "analyze.py"), "model=tiny", "task=synth_docvqa", "limit=1",
+           "prune=fastv", "prune.layer=2",
            "progress=false", "task.gen.gen_length=8", "task.gen.block_length=8", "task.gen.steps=4", "--out", str(out)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]

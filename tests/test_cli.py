@@ -57,7 +57,7 @@ def test_default_run(tmp_path):
 
 
 def test_fastv_run_with_wandb_offline(tmp_path):
-    p = run_cli("model=tiny", "prune=fastv", "prune.layer=2", "ratio=0.35", "limit=2", "logger=wandb",
+    p = run_cli("model=tiny", "task=synth_docvqa", "prune=fastv", "prune.layer=2", "ratio=0.35", "limit=2", "logger=wandb",
                 f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     rec = check_record(tmp_path, "fastv")

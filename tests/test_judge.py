@@ -22,7 +22,7 @@ from conftest import REPO
 from dvlm_exp import judge as judging
 
 SECRET = "sk-dvlm-test-SECRET-7f3a91c2"
-TINY = ["task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
+TINY = ["model=tiny", "task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
         "task.gen.gen_length=8", "task.gen.block_length=8", "task.gen.steps=4", "progress=false"]
 
 
@@ -302,7 +302,7 @@ def test_video_dc499_preset_predict_only_and_judged(tmp_path, secret, monkeypatc
     mirror.mkdir()
     (mirror / "test.jsonl").write_text(json.dumps({"video_name": "v_synth0", "question": QUESTION, "answer": answer}) + "\n")
     monkeypatch.setenv("HF_HOME", str(hf))
-    common = ["task=video_dc499", f"task.dataset_path={mirror}", "+task.video.max_frames=2", "limit=1",
+    common = ["model=tiny", "task=video_dc499", f"task.dataset_path={mirror}", "+task.video.max_frames=2", "limit=1",
               "task.gen.gen_length=8", "task.gen.block_length=8", "task.gen.steps=4", "progress=false"]
 
     rec = run(compose(*common), tmp_path / "predict_only")

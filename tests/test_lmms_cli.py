@@ -12,7 +12,7 @@ from conftest import REPO
 
 
 def test_python_m_lmms_eval_on_synth_docvqa(tmp_path):
-    args = ",".join(["model=tiny", "task.synthetic.n=2", "task.gen.gen_length=8", "task.gen.block_length=8",
+    args = ",".join(["model=tiny", "task=synth_docvqa", "task.synthetic.n=2", "task.gen.gen_length=8", "task.gen.block_length=8",
                      "task.gen.steps=4", "progress=false"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.run(

@@ -12,7 +12,7 @@ from dvlm_exp import loyalty
 
 # tiny settings: 2 synthetic clips of 2 frames (420 visual tokens), gen 8/8/4 (the same computation as
 # for synth_docvqa, at a quarter of its visual tokens)
-TINY = ["task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
+TINY = ["model=tiny", "task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
         "task.gen.gen_length=8", "task.gen.block_length=8", "task.gen.steps=4", "progress=false"]
 
 

@@ -189,7 +189,7 @@ def plan_cli():
 
 def test_cli_8b_config_only(tmp_path, plan_cli, capsys):
     shutil.copy(CONFIG_8B, tmp_path / "config.json")  # no weights, no tokenizer
-    rc = plan_cli.main(["model=llada_v", f"model.path={tmp_path}", "prune=fastv", "--ratios", "1,0.5,0.25",
+    rc = plan_cli.main(["model=llada_v", f"model.path={tmp_path}", "task=synth_docvqa", "prune=fastv", "--ratios", "1,0.5,0.25",
                         "--layers", "2,16", "--image", "1000x1000"])
     stdout = capsys.readouterr().out
     assert rc == 0
@@ -240,7 +240,7 @@ def test_cli_question_counts_text_with_tokenizer(tiny_cfg, tiny_model, plan_cli,
     """--question: text tokens of the real prompt (checkpoint tokenizer, the task's think suffix)."""
     from dvlm_exp.runner import model_path
 
-    rc = plan_cli.main(["model=llada_v", f"model.path={model_path(tiny_cfg)}", "prune=fastv", "prune.layer=2",
+    rc = plan_cli.main(["model=llada_v", f"model.path={model_path(tiny_cfg)}", "task=synth_docvqa", "prune=fastv", "prune.layer=2",
                         "--question", QUESTION, "--image", "512x384"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

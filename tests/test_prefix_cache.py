@@ -238,6 +238,8 @@ def test_prefix_mask_is_an_approximation_of_full_attention(backbone, models, seq
     m, seq = models[backbone], seqs[backbone]
     ids_f, logs_f, _ = sample(m, seq, False)
     ids_c, logs_c, _ = sample(m, seq, True)
+    if backbone == "dream":  # the prefill that commits slot 0 comes first (test below)
+        logs_c = logs_c[1:]
     assert logs_f[0].shape == logs_c[0].shape
     assert float((logs_f[0] - logs_c[0]).abs().max()) > 1e-4
     assert len(ids_f) == len(ids_c) == G and m.mask_id not in ids_f + ids_c
@@ -301,3 +303,19 @@ def test_two_by_two_runs_record_prefix_cache(ckpts, tmp_path):
     assert dec[("none", False)][key] == dec[("none", False)][base]
     assert dec[("fastv", True)][key] < dec[("none", True)][key] < dec[("none", False)][key]
     assert dec[("fastv", True)][key] < dec[("fastv", False)][key] < dec[("none", False)][key]
+
+
+@pytest.mark.parametrize("prefix", [True, "mask_only"])
+def test_dream_prefix_commits_slot0_from_the_prefill(models, seqs, prefix):
+    """Official prefix_lm loop (LaViDa dream/generation_utils.py): a prefill over the prompt sets
+    answer slot 0 to the argmax of the last prompt row, then `steps` forwards unmask the G - 1 other
+    slots. Ours: the step-0 forward is that prefill (prompt rows never see the answer), its decisions
+    are taken once, and the loop's counts start from G - 1 masked slots."""
+    m, seq = models["dream"], seqs["dream"]
+    ids, logs, rec = sample(m, seq, prefix)
+    ref = Engine(m)
+    ref.recorder.start_sample()
+    alone = ref.forward(replace(seq, response_ids=seq.response_ids[:0].clone()), 0, torch.tensor([0])).logits
+    assert ids[0] == int(alone[0].argmax())
+    assert logs[0].shape[0] == 1 and len(logs) == PRESET.steps + 1
+    assert m.mask_id not in ids

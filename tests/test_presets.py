@@ -108,7 +108,8 @@ def test_methods_run_end_to_end_through_the_cli(tmp_path):
 
     fits = [p for p in PRUNES if p != "none" and not _fit_tiny(p)]
     assert {"fastv", "random", "redvtp"} <= set(fits)
-    p = run_cli("-m", f"prune={','.join(fits)}", "ratio=0.5", "limit=1", f"hydra.sweep.dir={tmp_path}", timeout=900)
+    p = run_cli("-m", "model=tiny", "task=synth_docvqa", f"prune={','.join(fits)}", "ratio=0.5", "limit=1",
+                f"hydra.sweep.dir={tmp_path}", timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = sorted(d for d in Path(tmp_path).iterdir() if (d / "results.json").exists())
     assert len(jobs) == len(fits)

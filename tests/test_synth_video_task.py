@@ -14,7 +14,7 @@ from dvlm_exp.data import synth_video_caption as svc
 
 TASKS_DIR = REPO / "dvlm_exp" / "tasks"
 # tiny settings: 2 clips, 2 frames per clip (420 visual tokens), gen 8/8/4
-TINY = ["task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
+TINY = ["model=tiny", "task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
         "task.gen.gen_length=8", "task.gen.block_length=8", "task.gen.steps=4", "progress=false"]
 
 

@@ -110,7 +110,7 @@ def test_group_name_and_tag_rules():
 
     multi = {"multirun": True, "sweep_dir": "outputs/multirun/2026-01-01/10-00-00", "job_num": 3,
              "override_dirname": "prune=fastv,ratio=0.5", "choices": {"prune": "llada_fastv"}}
-    cfg = compose_config(["logger=wandb", "prune=llada_fastv", "schedule=start_frac"])
+    cfg = compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "prune=llada_fastv", "schedule=start_frac"])
     assert resolve_group(cfg, {}) is None and resolve_name(cfg, {}) is None
     assert resolve_group(cfg, multi) == multi["sweep_dir"]
     assert resolve_name(cfg, multi) == "3_prune=fastv,ratio=0.5"

@@ -194,12 +194,19 @@ class PrefixEngine(Engine):
         self._resp_pos0: list[int] = []  # per layer: position id of answer slot 0 in the first forward
         self._cached_visual: list[int] = []  # per layer: visual tokens in its cache
         self._tail: torch.Tensor | None = None  # [1, shift, d] final hidden of the last prompt row(s)
+        self._acted: set[int] = set()  # steps whose method decisions were taken (a prefill may share step 0)
+
+    @property
+    def prefix_prefill(self) -> bool:
+        """Shifted-logit models (LaViDa-Dream): the official prefix_lm loop runs a prefill that fixes
+        answer slot 0 to the last prompt row's argmax before its denoising steps (DreamSampler does)."""
+        return bool(getattr(self.model, "logit_shift", 0))
 
     # ------------------------------------------------------------------ forwards
     @torch.inference_mode()
     def forward(self, seq: Sequence, step: int, response_rows: torch.Tensor | None) -> ForwardOut:
         if self.cache and self._kv is not None:
-            if self.method is not None and self.schedule.acts_at(step):
+            if self.method is not None and self.schedule.acts_at(step) and step not in self._acted:
                 raise RuntimeError(f"model.prefix_cache=true: the method acts at step {step}, after the prompt was "
                                    "cached (only step-0 decisions are supported; see check_config)")
             return self._answer_forward(seq, step, response_rows)
@@ -226,7 +233,10 @@ class PrefixEngine(Engine):
             self._resp_pos0, self._cached_visual = [], []
 
         method = self.method
-        acting = method is not None and self.schedule.acts_at(step)
+        # A step's decisions are taken once: the Dream prefill and the loop's first step share step 0.
+        acting = method is not None and self.schedule.acts_at(step) and step not in self._acted
+        if acting:
+            self._acted.add(step)
         if acting and self.persist == "replay":
             self._replay = []
         replay = self._replay if (method is not None and not acting and self.persist == "replay") else []
