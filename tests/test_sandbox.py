@@ -135,7 +135,7 @@ def test_training_is_deterministic_and_saves_the_official_layout(tmp_path):
     assert (tmp_path / "a" / "train_curve.png").stat().st_size > 0
     curve = json.loads((tmp_path / "a" / "train_curve.json").read_text())
     assert curve[-1]["step"] == 3
-    # the loss goes down from its first value (the training step updates the weights)
+    # the saved checkpoint loads through the official path with the compact tokenizer's ids
     from dvlm_exp.models.llada_v import LLaDAV
 
     m = LLaDAV.from_pretrained(tmp_path / "a")

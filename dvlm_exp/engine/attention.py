@@ -82,6 +82,39 @@ class ScoreRequest:
         self.seconds = time.perf_counter() - t0
 
 
+def compute_masked(req, query, key, scaling, n_groups, value, blocked) -> None:
+    """Answer ScoreRequest `req` as `req.compute` does, but with `blocked(q_idx [c], cols [n]) ->
+    bool [c, n]` keys hidden from each query row (causal AR prefill, prefix-LM mask)."""
+    t0 = time.perf_counter()
+    qi = req.query_index.to(key.device)
+    k = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
+    rows = query[0, :, qi].float()  # [h, r, dh]
+    h, r, dh = rows.shape
+    n = k.shape[1]
+    cols = torch.arange(n, device=k.device)
+    total = torch.zeros(n, dtype=torch.float32, device=k.device)
+    chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, h * n))
+    keep_rows, keep_heads = [], []
+    for s in range(0, r, chunk):
+        logits = torch.matmul(rows[:, s : s + chunk], k.transpose(1, 2)) * scaling  # [h, c, n]
+        probs = torch.softmax(logits.masked_fill(blocked(qi[s : s + chunk], cols)[None], float("-inf")), dim=-1)
+        total += probs.sum(dim=(0, 1))
+        if req.keep_rows:
+            keep_rows.append(probs.mean(0))
+        if req.keep_heads:
+            keep_heads.append(probs)
+    req.column_mean = total / (h * r)
+    if req.keep_rows:
+        req.rows = torch.cat(keep_rows)
+    if req.keep_heads:
+        req.heads = torch.cat(keep_heads, dim=1)
+    if req.keep_values and value is not None:
+        req.values = repeat_kv(value, n_groups)[0].float()
+    req.n_rows, req.n_keys = r, n
+    req.flops = 2 * h * r * n * dh
+    req.seconds = time.perf_counter() - t0
+
+
 def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     score = kwargs.pop("dvlm_score", None)  # a ScoreRequest or a list of them (method + probes)
     for request in (score if isinstance(score, list) else [score] if score is not None else []):

@@ -58,9 +58,8 @@ import copy
 import time
 
 import torch
-from transformers.integrations.sdpa_attention import repeat_kv
 
-from dvlm_exp.engine.attention import _MAX_BLOCK_ELEMENTS
+from dvlm_exp.engine.attention import compute_masked
 from dvlm_exp.engine.engine import Engine, ForwardOut, View, _lm_head
 from dvlm_exp.engine.state import Roles, Sequence
 
@@ -87,34 +86,9 @@ class _PrefixRows:
         qi = req.query_index.to(key.device)
         if qi.numel() == 0 or bool((qi >= self.n_prompt).all()):
             return req.compute(query, key, scaling, n_groups, value)
-        t0 = time.perf_counter()
-        k = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
-        rows = query[0, :, qi].float()  # [h, r, dh]
-        h, r, dh = rows.shape
-        n = k.shape[1]
-        cols = torch.arange(n, device=k.device)
-        total = torch.zeros(n, dtype=torch.float32, device=k.device)
-        chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, h * n))
-        keep_rows, keep_heads = [], []
-        for s in range(0, r, chunk):
-            logits = torch.matmul(rows[:, s : s + chunk], k.transpose(1, 2)) * scaling  # [h, c, n]
-            hidden = (qi[s : s + chunk, None] < self.n_prompt) & (cols[None, :] >= self.n_prompt)  # [c, n]
-            probs = torch.softmax(logits.masked_fill(hidden[None], float("-inf")), dim=-1)
-            total += probs.sum(dim=(0, 1))
-            if req.keep_rows:
-                keep_rows.append(probs.mean(0))
-            if req.keep_heads:
-                keep_heads.append(probs)
-        req.column_mean = total / (h * r)
-        if req.keep_rows:
-            req.rows = torch.cat(keep_rows)
-        if req.keep_heads:
-            req.heads = torch.cat(keep_heads, dim=1)
-        if req.keep_values and value is not None:
-            req.values = repeat_kv(value, n_groups)[0].float()
-        req.n_rows, req.n_keys = r, n
-        req.flops = 2 * h * r * n * dh
-        req.seconds = time.perf_counter() - t0
+        m = self.n_prompt
+        compute_masked(req, query, key, scaling, n_groups, value,
+                       lambda q, cols: (q[:, None] < m) & (cols[None, :] >= m))  # prompt rows: no answer keys
 
 
 class _PrefixEdit:
