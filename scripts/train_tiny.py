@@ -1,6 +1,6 @@
 """Train the sandbox: a tiny LLaDA-V-shaped diffusion VLM that actually answers questions.
 
-    python scripts/train_tiny.py                          # ~12 min on 2 CPU cores -> dvlm_exp/assets/sandbox
+    python scripts/train_tiny.py                          # ~10 min on 2 CPU cores -> dvlm_exp/assets/sandbox
     python scripts/train_tiny.py --steps 20 --out /tmp/sb # smoke run
 
 Same architecture and loading path as `model=tiny` (dvlm_exp/models/tiny.py: LLaMA-style
@@ -24,6 +24,12 @@ first `--curriculum` fraction of the steps, images hold fewer and larger objects
 alone, then 2, then 2 x 2 patches, ...), with a quarter of the samples from the task itself;
 then only the task's four one-patch objects. From scratch, finding the one token that matters
 among 136 is otherwise too slow to learn on a CPU budget.
+
+Two choices make pruning matter (see freeze_tower_attention and Batcher._shorten): the tower is
+patch-local (its attention output held at zero), so only the coloured object's two tokens (base
+view and tile) carry the answer; and half the batches see a random subset of the visual tokens
+(every object's kept, positions consecutive), so renumbering methods are not punished for the
+positions alone.
 
 Deterministic under `--seed` for a given `--threads` (default 2). Prints a JSON line per eval
 (loss, held-out accuracy of the first answer slot), saves the checkpoint in the official
@@ -72,8 +78,9 @@ class Batcher:
     """Training samples of one prompt length per batch (no padding inside the bidirectional
     attention), drawn in order from the train stream; deterministic."""
 
-    def __init__(self, model, seed: int, batch: int, gen_length: int):
+    def __init__(self, model, seed: int, batch: int, gen_length: int, drop_prob: float = 0.0):
         self.model, self.seed, self.batch, self.gen_length = model, seed, batch, gen_length
+        self.drop_prob = drop_prob
         self.index = 0
         self.stage = (synth_shapes.N_OBJECTS, 1)
         self.queues: dict[int, list] = {}
@@ -84,21 +91,55 @@ class Batcher:
             if random.Random(f"mix/{self.seed}/{self.index}").random() < 0.25:
                 n_obj, scale = synth_shapes.N_OBJECTS, 1
         s = synth_shapes.make_sample("train", self.seed, self.index, n_obj, scale)
+        spec = json.loads(s["meta"])
         self.index += 1
         ids = self.model.prompt_ids(synth_shapes.doc_text(s["question"]), n_images=1)
         ans = self.model.tokenizer.encode(s["answer"], add_special_tokens=False)
         eot = self.model.special_ids["eot"]
         resp = (ans + [eot] * self.gen_length)[: self.gen_length]
-        return ids, s["image"], resp
+        objects = sorted({tok for i in range(len(spec["objects"]))
+                          for tok in packed_indices(synth_shapes.object_patches(spec, i))})
+        return ids, s["image"], resp, objects
 
     def next(self):
         while True:
-            ids, img, resp = self._one()
+            ids, img, resp, objects = self._one()
             q = self.queues.setdefault(len(ids), [])
-            q.append((ids, img, resp))
+            q.append((ids, img, resp, objects))
             if len(q) == self.batch:
                 self.queues[len(ids)] = []
-                return q
+                return self._shorten(q)
+
+    def _shorten(self, items):
+        """With probability `drop_prob`, the batch sees the image through fewer visual tokens:
+        a random number of them (the same for the batch), every token on an object kept, the
+        rest a random subset, in order, with consecutive positions. Real LLaDA-V sees images of
+        many sizes (hundreds to thousands of visual tokens); without this the sandbox sees one
+        layout only and any method that renumbers positions (RedVTP, DivPrune, ToMe) moves the
+        answer slots to distances from the prompt it never saw. Which tokens a method keeps is
+        still what decides: the question is answerable only from the coloured object's tokens."""
+        rng = random.Random(f"shorten/{self.seed}/{self.index}")
+        if rng.random() >= self.drop_prob:
+            return [(ids, img, resp, None) for ids, img, resp, _ in items]
+        need = max(len(o) for *_, o in items)
+        n_keep = rng.randint(need, N_VISUAL)
+        out = []
+        for ids, img, resp, objects in items:
+            rest = [i for i in range(N_VISUAL) if i not in set(objects)]
+            keep = sorted(objects + rng.sample(rest, n_keep - len(objects)))
+            out.append((ids, img, resp, keep))
+        return out
+
+
+# Visual tokens of one SIZE x SIZE image in the packed order (anyres_max_4 at the sandbox's 112 px):
+# the base view's 8 x 8 patches, then the one tile's 8 rows of 8 patches + image_newline.
+_SIDE = synth_shapes.SIZE // 14
+N_VISUAL = _SIDE * _SIDE + _SIDE * (_SIDE + 1)
+
+
+def packed_indices(patches) -> list[int]:
+    """(row, col) patches of the canvas -> their indices in the packed visual block (both views)."""
+    return sorted({r * _SIDE + c for r, c in patches} | {_SIDE * _SIDE + r * (_SIDE + 1) + c for r, c in patches})
 
 
 # (objects, scale) by fraction of the curriculum done: finding one token among 136 from scratch
@@ -113,18 +154,34 @@ def curriculum_stage(frac: float) -> tuple[int, int]:
     return (synth_shapes.N_OBJECTS, 1)
 
 
+def freeze_tower_attention(model) -> None:
+    """Hold every SigLIP layer's attention output projection at zero (not trained): the tower
+    is then patch-local (embedding, position, per-token MLPs), and what a visual token carries
+    at the LLM's input is its own patch. With attention on, the tower learns to copy the one
+    coloured object into every patch (one layer suffices), and random pruning at any layer
+    is then as good as any other: nothing left for a pruning method to find. The weights are
+    still there, in the official layout, and the loader runs the tower's attention as always."""
+    for layer in model.vision_tower.encoder.layers:
+        for p in layer.self_attn.out_proj.parameters():
+            torch.nn.init.zeros_(p)
+            p.requires_grad_(False)
+
+
 def prompt_embeds(model, items, grad: bool):
     """[B, P, d] prompt embeddings (text + anyres visual tokens), differentiable."""
     m = model
-    px, sizes = zip(*(llava_image.process_image(img, m.grid_pinpoints, m.image_size) for _, img, _ in items))
+    px, sizes = zip(*(llava_image.process_image(img, m.grid_pinpoints, m.image_size) for _, img, *_ in items))
     v = px[0].shape[0]
     with torch.set_grad_enabled(grad):
         feats = m.project_views(torch.cat(px))
         out = []
-        for i, (ids, _, _) in enumerate(items):
+        for i, (ids, _, _, keep) in enumerate(items):
             packed, _ = llava_image.pack_image_features(
                 feats[i * v:(i + 1) * v], sizes[i], m.grid_pinpoints, image_size=m.image_size,
                 patches_per_side=m.patches_per_side, newline=m.image_newline, max_tiles=m.max_tiles)
+            assert packed.shape[0] == N_VISUAL, packed.shape
+            if keep is not None:
+                packed = packed[keep]
             cut = ids.index(IMAGE_TOKEN_INDEX)
             pre = m.embed_tokens(torch.tensor(ids[:cut]))
             post = m.embed_tokens(torch.tensor(ids[cut + 1:]))
@@ -142,7 +199,7 @@ def run_layers(model, x):
 
 def diffusion_loss(model, items, gen: torch.Generator, eps: float = 1e-3):
     B, L = len(items), len(items[0][2])
-    resp = torch.tensor([r for _, _, r in items])
+    resp = torch.tensor([r for _, _, r, _ in items])
     t = (1 - eps) * torch.rand(B, generator=gen) + eps
     mask = torch.rand(B, L, generator=gen) < t[:, None]
     none = ~mask.any(1)
@@ -163,7 +220,7 @@ def slot_accuracy(model, samples, gen_length: int) -> float:
     for i in range(0, len(samples), 16):
         chunk = samples[i:i + 16]
         for it in chunk:
-            x = torch.cat([prompt_embeds(model, [it], grad=False),
+            x = torch.cat([prompt_embeds(model, [(*it, None)], grad=False),
                            model.embed_tokens(torch.full((1, gen_length), model.mask_id))], dim=1)
             logits = model.lm_head(run_layers(model, x)[:, -gen_length])
             hits += int(logits.argmax(-1).item() == it[2][0])
@@ -218,6 +275,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--curriculum", type=float, default=0.5,
                     help="fraction of the steps spent on easier images (fewer, larger objects) before the task's")
+    ap.add_argument("--drop-prob", type=float, default=0.5,
+                    help="fraction of batches that see fewer visual tokens (every object token kept; see Batcher)")
+    ap.add_argument("--tower-attention", choices=("off", "on"), default="off",
+                    help="off: the SigLIP layers' attention output is held at zero, so a visual token carries only "
+                         "its own patch (see freeze_tower_attention)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -238,9 +300,11 @@ def main(argv=None) -> int:
         with torch.no_grad():
             model.embed_tokens.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(args.seed))
         model.tokenizer, model.special_ids = tok, special_ids_from_tokenizer(tok)
+        if args.tower_attention == "off":
+            freeze_tower_attention(model)
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
         def lr_at(step):
             if step < args.warmup:
@@ -249,7 +313,7 @@ def main(argv=None) -> int:
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        batcher = Batcher(model, args.seed, args.batch, gen_length)
+        batcher = Batcher(model, args.seed, args.batch, gen_length, args.drop_prob)
         mask_gen = torch.Generator().manual_seed(args.seed + 1)
         heldout = []
         for i in range(args.eval_n):
@@ -277,7 +341,8 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
         model.eval()
         meta = {"trained": {"script": "scripts/train_tiny.py", "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                            "seed": args.seed, "task": "synth_shapes (train stream)", "gen_length": gen_length}}
+                            "seed": args.seed, "drop_prob": args.drop_prob,
+                            "tower_attention": args.tower_attention, "task": "synth_shapes (train stream)", "gen_length": gen_length}}
         out = write_checkpoint(args.out, spec, seed=args.seed, model=model, tokenizer_dir=work / "tokenizer", meta=meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)

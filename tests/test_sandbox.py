@@ -178,23 +178,50 @@ def _accuracy(model, prune: str, ratio: float, n: int, layer: int | None = None)
 
 
 @needs_sandbox
-def test_trained_sandbox_answers_and_pruning_removes_information():
-    """Unpruned, the shipped model answers the held-out task; ratio 1.0 changes nothing; pruning to
-    a few visual tokens costs accuracy (a regression in gathering or position handling that kept
-    everything, or dropped the wrong tokens, shows up here).
-
-    Not asserted (issue 9 target not met yet): attention-based > random at keep 0.1. In this model
-    the target's colour spreads across visual tokens (SigLIP's and the early decoder layers'
-    bidirectional attention) before the pruning layer, so random pruning keeps it down to ~3 tokens."""
+def test_trained_sandbox_orders_the_methods():
+    """The issue's ordering on a fixed subset (48 held-out samples, keep 0.1 = 14 of 136 tokens):
+    unpruned >= attention-based (FastV on the masked answer slots at K=2, RedVTP) >= random (K=2),
+    with attention-based keeping >= 85 % of the unpruned accuracy and random clearly worse. A
+    regression in scoring (wrong rows, wrong columns, inverted ranking), gathering or position
+    handling drops the attention-based methods to random's level or below. Ratio 1.0 changes
+    nothing; random falls towards the colour prior as keep -> 0."""
     from dvlm_exp.runner import compose_config, load_model
 
     model = load_model(compose_config(["model=sandbox", "task=synth_shapes"]))
     n = 48
     full = _accuracy(model, "none", 1.0, n)
     same = _accuracy(model, "fastv", 1.0, n, layer=2)
-    tiny_fastv = _accuracy(model, "fastv", 0.02, n, layer=2)
-    tiny_rand = _accuracy(model, "random", 0.02, n, layer=1)
-    print(f"sandbox n={n}: unpruned {full:.3f} fastv@1.0 {same:.3f} fastv@0.02 {tiny_fastv:.3f} random@0.02 {tiny_rand:.3f}")
+    fastv = _accuracy(model, "fastv", 0.1, n, layer=2)
+    redvtp = _accuracy(model, "redvtp", 0.1, n)
+    rand = _accuracy(model, "random", 0.1, n, layer=2)
+    rand_tiny = _accuracy(model, "random", 0.01, n, layer=2)
+    print(f"sandbox n={n}: unpruned {full:.3f} fastv@1.0 {same:.3f} | keep 0.1: fastv {fastv:.3f} "
+          f"redvtp {redvtp:.3f} random {rand:.3f} | random@0.01 {rand_tiny:.3f}")
     assert full >= 0.9
     assert same == full
-    assert tiny_fastv < full and tiny_rand < full
+    for attn in (fastv, redvtp):
+        assert full >= attn >= 0.85 * full
+        assert attn >= rand + 0.3  # clearly worse: random keeps the coloured object's tokens ~1 time in 5
+    assert rand_tiny < rand < full
+
+
+@needs_sandbox
+def test_shipped_tower_is_patch_local():
+    """What a visual token carries at the LLM's input is its own patch (scripts/train_tiny.py,
+    freeze_tower_attention): repainting one patch cell changes only that cell's two tokens (base
+    view and tile), so the information the question needs is where the object is, and nowhere else."""
+    import torch
+    from PIL import ImageDraw
+
+    from dvlm_exp.runner import compose_config, load_model
+
+    model = load_model(compose_config(["model=sandbox", "task=synth_shapes"]))
+    spec = S.make_spec("test", 0, 0)
+    a = S.render(spec)
+    b = a.copy()
+    ImageDraw.Draw(b).rectangle((3 * 14, 5 * 14, 4 * 14 - 1, 6 * 14 - 1), fill=(200, 30, 30))  # row 5, col 3
+    with torch.no_grad():
+        fa, fb = (model.image_features([im])[0][0] for im in (a, b))
+    assert fa.shape == fb.shape == (136, 128)
+    changed = ((fa - fb).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+    assert changed == [5 * 8 + 3, 64 + 5 * 9 + 3]

@@ -120,7 +120,12 @@ def normalize(text: str) -> str:
 
 def target_patches(spec: dict, patch: int = 14) -> list[tuple[int, int]]:
     """(row, col) of the patches the target object's box touches, on the SIZE x SIZE view."""
-    x0, y0, x1, y1 = spec["objects"][spec["target"]]["box"]
+    return object_patches(spec, spec["target"], patch)
+
+
+def object_patches(spec: dict, i: int, patch: int = 14) -> list[tuple[int, int]]:
+    """(row, col) of the patches object `i`'s box touches, on the SIZE x SIZE view."""
+    x0, y0, x1, y1 = spec["objects"][i]["box"]
     return [(r, c) for r in range(y0 // patch, (y1 - 1) // patch + 1) for c in range(x0 // patch, (x1 - 1) // patch + 1)]
 
 
