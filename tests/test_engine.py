@@ -183,3 +183,38 @@ def test_random_pruning_is_seeded_and_sized(tiny_model, doc_images):
         assert rec.kept_by_step_layer[(0, 0)] == keep_count(rec.n_visual, 0.5)
         outs.append(rec.output_ids)
     assert outs[0] == outs[1]
+
+
+def test_vision_tower_runs_once_per_sample(tiny_model, doc_images):
+    """Issue 8: the visual tokens are computed once per sample (all views in one batch), not once
+    per denoising step, pruned or not."""
+    from dvlm_exp.generator import GenPreset, Generator
+
+    calls = []
+    handle = tiny_model.vision_tower.embeddings.register_forward_hook(lambda _m, inp, _out: calls.append(inp[0].shape[0]))
+    try:
+        preset = GenPreset(gen_length=16, block_length=8, steps=8)
+        for method in (NoPruning(), FastV(ratio=0.35, layer=2, query_set="masked_response")):
+            calls.clear()
+            g = Generator(tiny_model, method, FirstStep(), preset)
+            g.generate("What is the total?", [doc_images[0]], sample_id=0)
+            assert g.recorder.current.n_forwards == 8  # eight forwards of the decoder ...
+            assert len(calls) == 1 and calls[0] > 1  # ... one batched tower call for every view
+    finally:
+        handle.remove()
+
+
+def test_jobs_sharing_a_model_config_reuse_the_loaded_model(tiny_cfg):
+    """Issue 8: in a multirun on one machine (Hydra's basic launcher), jobs that differ only in
+    method, ratio, schedule or task get the model already in memory; another model config loads anew."""
+    from omegaconf import OmegaConf
+
+    from dvlm_exp.runner import load_model
+
+    a = load_model(tiny_cfg)
+    other_job = OmegaConf.merge(tiny_cfg, {"ratio": 0.1, "prune": {"name": "random", "layer": 1}})
+    assert load_model(other_job) is a
+    other_model = OmegaConf.merge(tiny_cfg, {"model": {"dtype": "bfloat16"}})
+    b = load_model(other_model)
+    assert b is not a and next(b.parameters()).dtype == torch.bfloat16
+    assert load_model(tiny_cfg) is not b  # one model in memory at a time: the first is loaded again
