@@ -70,6 +70,8 @@ def build_tokenizer(out_dir: Path, seed: int):
     words = list(synth_shapes.SHAPES) + list(synth_shapes.COLORS)
     corpus = [synth_shapes.doc_text(synth_shapes.make_spec("train", seed, i)["question"]) for i in range(300)] * 3
     corpus += words * 200  # answers as single tokens
+    colors = sorted(synth_shapes.COLORS)
+    corpus += [f"{a} {b}" for a in colors for b in colors if a < b] * 40  # two-colour answers: " red" etc.
     build_llada_tokenizer(out_dir, vocab_size=10**6, bpe_vocab=512, corpus=corpus, seed=seed, compact=True)
     return PreTrainedTokenizerFast.from_pretrained(str(out_dir))
 
@@ -96,6 +98,8 @@ class Batcher:
         ids = self.model.prompt_ids(synth_shapes.doc_text(s["question"]), n_images=1)
         ans = self.model.tokenizer.encode(s["answer"], add_special_tokens=False)
         eot = self.model.special_ids["eot"]
+        if len(ans) >= self.gen_length:
+            raise ValueError(f"answer {s['answer']!r} takes {len(ans)} tokens: no room for <|eot_id|> in {self.gen_length}")
         resp = (ans + [eot] * self.gen_length)[: self.gen_length]
         objects = sorted({tok for i in range(len(spec["objects"]))
                           for tok in packed_indices(synth_shapes.object_patches(spec, i))})

@@ -2,13 +2,18 @@
 
 Each image is a small square canvas (112 px = 8 x 8 SigLIP patches of the sandbox model) on a
 plain background with four small objects (circle, square, triangle, cross), each inside one
-patch cell (so one visual token per view carries it): one in colour, three grey distractors.
+patch cell (so one visual token per view carries it): one or two in colour (half the samples
+each; two coloured objects have different colours), the rest grey.
 
-    "What color is the colored shape?"  -> "blue"
+    "What color is the colored shape?"                     -> "blue"
+    "What colors are the two colored shapes?"              -> "blue red"   (alphabetical order)
 
-so the answer is readable only from the one patch the coloured object lies in: the rest of the image
-(background and distractors) is redundant for that question. Attention-based pruning that finds
-the target keeps accuracy; random pruning loses the target at low keep ratios.
+so the answer is readable only from the patches the coloured objects lie in: the rest of the
+image (background and distractors) is redundant for the question. A one-colour question needs
+one token; a two-colour question needs one token of EACH object, and anyres gives every object
+two tokens (base view and tile), so a method that keeps both copies of one object is wrong where
+one that keeps one copy of each is right. Attention-based pruning that finds the targets keeps
+accuracy; random pruning loses them at low keep ratios; at a few kept tokens methods differ.
 
 `make_sample(split_seed, index)` is pure (a `random.Random` seeded per sample), so the training
 stream (`scripts/train_tiny.py`, split "train") and the held-out evaluation set (split "test",
@@ -29,7 +34,7 @@ from PIL import Image, ImageDraw
 from dvlm_exp.data import publish
 
 GENERATOR_ID = "dvlm_exp.data.synth_shapes"
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 TASK_NAME = "synth_shapes"
 SPLIT = "test"
 SIZE = 112            # canvas side (the sandbox tower sees 112 px views: 8 x 8 patches of 14 px)
@@ -42,10 +47,11 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 200, 30), "purple": (150, 60, 190), "orange": (245, 130, 20)}
 BACKGROUNDS = ((235, 235, 235), (225, 230, 240), (240, 232, 220))
 GREY = (90, 170)      # distractors: grey shapes
-POST_PROMPT = "\nAnswer with one word."
+POST_PROMPT = "\nAnswer with the color names only, in alphabetical order."
 # Shape questions ("Which shape is colored?") were tried: a 4-layer model trained for 20 min
 # on 2 CPU cores did not learn one-patch shape recognition (held-out accuracy stalled at ~0.6).
 QUESTIONS = ("What color is the colored shape?", "What is the color of the colored object?")
+QUESTIONS_TWO = ("What colors are the two colored shapes?", "What are the colors of the two colored objects?")
 # Seed streams: the held-out set and the training stream never overlap.
 STREAMS = {"test": 0, "train": 1}
 
@@ -55,7 +61,8 @@ def _rng(stream: str, seed: int, index: int) -> random.Random:
 
 
 def make_spec(stream: str, seed: int, index: int, n_objects: int = N_OBJECTS, scale: int = 1) -> dict:
-    """Everything random about one sample: objects (shape, colour, box) and the question.
+    """Everything random about one sample: objects (shape, colour, box), which are coloured
+    (`targets`: one or two, half the samples each; one where `n_objects` is 1) and the question.
     `n_objects` < 4 and `scale` > 1 (objects `scale` x `scale` patches large, in cells of that
     size) only for training's curriculum; the task always has 4 one-patch objects."""
     if not 1 <= n_objects <= len(SHAPES) or scale not in (1, 2, 4):
@@ -66,18 +73,20 @@ def make_spec(stream: str, seed: int, index: int, n_objects: int = N_OBJECTS, sc
     rng = _rng(stream, seed, index)
     shapes = list(SHAPES)
     rng.shuffle(shapes)
-    target = rng.randrange(n_objects)
+    n_colored = 1 if n_objects == 1 else rng.choice((1, 2))
+    targets = sorted(rng.sample(range(n_objects), n_colored))
+    colors = rng.sample(sorted(COLORS), n_colored)
     objects = []
     cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], n_objects)
     for i, ((r, c), shape) in enumerate(zip(cells, shapes)):
         s = rng.randint(OBJ_MIN, OBJ_MAX) * scale
         x, y = c * cell + rng.randint(0, cell - s), r * cell + rng.randint(0, cell - s)
-        color = rng.choice(sorted(COLORS)) if i == target else None
+        color = colors[targets.index(i)] if i in targets else None
         grey = rng.randint(*GREY)
         objects.append({"shape": shape, "color": color, "grey": grey, "box": [x, y, x + s, y + s]})
-    t = objects[target]
-    question, answer = rng.choice(QUESTIONS), t["color"]
-    return {"objects": objects, "target": target, "question": question, "answer": answer,
+    question = rng.choice(QUESTIONS if n_colored == 1 else QUESTIONS_TWO)
+    answer = " ".join(sorted(objects[t]["color"] for t in targets))
+    return {"objects": objects, "targets": targets, "question": question, "answer": answer,
             "background": list(rng.choice(BACKGROUNDS))}
 
 
@@ -113,14 +122,15 @@ def doc_text(question: str) -> str:
 
 
 def normalize(text: str) -> str:
-    """Prediction -> answer form for exact match: first word, lower case, no punctuation."""
+    """Prediction -> answer form for exact match: lower case, no punctuation, no "and", words
+    joined by one space ("Blue, red." -> "blue red"). Order is kept: the answer is alphabetical."""
     words = text.strip().lower().replace(".", " ").replace(",", " ").split()
-    return words[0] if words else ""
+    return " ".join(w for w in words if w != "and")
 
 
 def target_patches(spec: dict, patch: int = 14) -> list[tuple[int, int]]:
-    """(row, col) of the patches the target object's box touches, on the SIZE x SIZE view."""
-    return object_patches(spec, spec["target"], patch)
+    """(row, col) of the patches the coloured objects' boxes touch, on the SIZE x SIZE view."""
+    return sorted({rc for t in spec["targets"] for rc in object_patches(spec, t, patch)})
 
 
 def object_patches(spec: dict, i: int, patch: int = 14) -> list[tuple[int, int]]:

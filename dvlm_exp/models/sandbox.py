@@ -16,7 +16,7 @@ SANDBOX_SPEC = dict(
 )
 # Relative to the repository root.
 SANDBOX_PATH = "dvlm_exp/assets/sandbox"
-# Generation preset of the task (conf/task/synth_shapes.yaml mirrors it): a one-word answer
+# Generation preset of the task (conf/task/synth_shapes.yaml mirrors it): a one- or two-word answer
 # then <|eot_id|>; one slot unmasked per step.
 GEN_PRESET = dict(gen_length=4, block_length=4, steps=4, temperature=0.0, remasking="low_confidence",
                   think=None, stop=["<|eot_id|>"], strip_period=True)

@@ -1,5 +1,5 @@
-"""`synth_shapes` (the sandbox task): one-word answers scored by exact match after
-`dvlm_exp.data.synth_shapes.normalize` (first word, lower case, no punctuation)."""
+"""`synth_shapes` (the sandbox task): one- or two-word answers scored by exact match after
+`dvlm_exp.data.synth_shapes.normalize` (lower case, no punctuation, no "and")."""
 
 from __future__ import annotations
 
