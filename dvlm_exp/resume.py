@@ -1,7 +1,9 @@
 """Job-level resume and failure records (used by dvlm_exp.runner).
 
-- `completed(run_dir, cfg)`: the run dir already holds a complete record of this config, so a
-  re-launched sweep (same `hydra.sweep.dir=`) skips the job.
+- `completed(run_dir, cfg, fingerprint)`: the run dir already holds a complete record of this
+  config AND of the same weights (`weights_fingerprint`: a retrained or replaced checkpoint at
+  the same `model.path` is a different job), so a re-launched sweep (same `hydra.sweep.dir=`)
+  skips the job.
 - `write_failed(run_dir, exc, cfg)`: `failed.json` (status failed, error, traceback) for a job
   whose Python raised; never results.json. `clear_failed` removes a stale one after a success.
 - `SampleJournal`: per-sample resume inside a job (config `resume_cache: true`). Every finished
@@ -55,8 +57,35 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def completed(run_dir: Path, cfg: DictConfig) -> dict | None:
-    """The complete record in run_dir when it was made with this config, else None."""
+# Weight files up to this size are hashed whole; larger ones by size, first and last MiB (a
+# retrained or re-downloaded checkpoint differs there; an 8B model is not read for this).
+_HASH_WHOLE_BYTES = 64 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_fingerprint(path) -> str | None:
+    """A short identity of the checkpoint folder's config and weight files (None: no such folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.rglob("*") if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path).as_posix()}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= _HASH_WHOLE_BYTES:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def completed(run_dir: Path, cfg: DictConfig, fingerprint: str | None = None) -> dict | None:
+    """The complete record in run_dir when it was made with this config (and, when both are
+    known, the same weights fingerprint), else None."""
     if not rec_io.is_complete(run_dir):
         return None
     try:
@@ -66,6 +95,10 @@ def completed(run_dir: Path, cfg: DictConfig) -> dict | None:
     if config_identity(record.get("config", {})) != config_identity(cfg):
         print(f"note: {run_dir} holds a complete record of another config; running this one replaces it",
               file=sys.stderr, flush=True)
+        return None
+    if fingerprint is not None and record.get("model_fingerprint") not in (None, fingerprint):
+        print(f"note: {run_dir} holds a complete record made with other weights at the same model path "
+              f"(fingerprint {record['model_fingerprint']} != {fingerprint}); running again", file=sys.stderr, flush=True)
         return None
     return record
 

@@ -56,6 +56,15 @@ def model_path(cfg: DictConfig) -> Path:
     return resolve_path(m.path)
 
 
+def model_fingerprint(cfg: DictConfig) -> str | None:
+    """resume.weights_fingerprint of the model's checkpoint folder; None when it cannot be
+    resolved yet (bad input is reported by `check`, with a message saying what to do)."""
+    try:
+        return resume.weights_fingerprint(model_path(cfg))
+    except Exception:  # noqa: BLE001 - a missing or bad path fails later, in check(), with its own message
+        return None
+
+
 def load_model(cfg: DictConfig):
     from dvlm_exp.registry import MODEL_FAMILIES
 
@@ -261,6 +270,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with judging.session(cfg, judge_cfg) as judge:
             res, predictions = evaluate(cfg, generator)
         record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
+        record["model_fingerprint"] = model_fingerprint(cfg)  # resume.completed: same config, same weights
         record["judge"] = judging.record_info(cfg, judge_cfg, judge, predictions)  # null: no judge (predict-only)
         if cfg.get("loyalty"):
             record["loyalty"] = loyalty.compute(cfg, predictions, lambda: baseline_predictions(cfg, generator))
@@ -286,7 +296,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    done = resume.completed(run_dir, cfg)
+    done = resume.completed(run_dir, cfg, model_fingerprint(cfg))
     if done is not None:  # a re-launched sweep only re-runs unfinished jobs
         print(f"skip: {run_dir} already complete", flush=True)
         return _main_metric(done)

@@ -126,3 +126,31 @@ def test_help_is_fast_and_lists_groups():
     assert p.returncode == 0
     for g in ("model", "prune", "schedule", "task", "logger"):
         assert f"{g}:" in p.stdout
+
+
+def test_rerun_skips_only_with_the_same_weights(tmp_path):
+    """A re-launched job whose run dir is complete is skipped, unless the checkpoint at the same
+    model.path changed since (a retrained sandbox): then it runs again and records the new weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(REPO / "dvlm_exp" / "assets" / "sandbox", ckpt)
+    args = ("model=sandbox", f"model.path={ckpt}", "limit=1", f"hydra.run.dir={tmp_path / 'run'}")
+    p1 = run_cli(*args)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    fp1 = json.loads((tmp_path / "run" / "results.json").read_text())["model_fingerprint"]
+    p2 = run_cli(*args)
+    assert p2.returncode == 0 and f"skip: {tmp_path / 'run'} already complete" in p2.stdout, p2.stdout[-2000:]
+    # "retrain": one tensor in the middle of the file changes
+    (f,) = ckpt.glob("*.safetensors")
+    t = load_file(f)
+    name = sorted(t)[len(t) // 2]
+    t[name] = t[name] + 1e-3
+    save_file(t, f, metadata={"format": "pt"})
+    p3 = run_cli(*args)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "skip:" not in p3.stdout and "made with other weights" in p3.stderr
+    fp3 = json.loads((tmp_path / "run" / "results.json").read_text())["model_fingerprint"]
+    assert fp1 and fp3 and fp3 != fp1
