@@ -44,7 +44,9 @@ def is_complete(out_dir: str | Path, expected: dict) -> bool:
     return True
 
 
-def _looks_like_ours(out_dir: Path) -> bool:
+def looks_like_ours(out_dir: Path) -> bool:
+    """Whether replacing `out_dir` can only lose a (possibly broken) generated dataset."""
+    out_dir = Path(out_dir)
     if not out_dir.exists():
         return True
     if not out_dir.is_dir():
@@ -53,15 +55,16 @@ def _looks_like_ours(out_dir: Path) -> bool:
     return not entries or META_FILE in entries or "dataset_dict.json" in entries
 
 
-def publish(out_dir: str | Path, expected: dict, build: Callable[[Path], None]) -> Path:
-    """Reuse `out_dir` when complete for `expected`, else build into a temporary sibling with
-    `build(tmp_dir)`, write the meta last and rename into place. A non-empty folder that is not
-    a dataset of ours is never deleted."""
+def publish(out_dir: str | Path, expected: dict, build: Callable[[Path], None], force: bool = False,
+            what: str = "generated") -> Path:
+    """Reuse `out_dir` when complete for `expected` (unless `force`), else build into a temporary
+    sibling with `build(tmp_dir)`, write the meta last and rename into place. A non-empty folder
+    that is not a dataset of ours is never deleted (FileExistsError naming `what`)."""
     out_dir = Path(out_dir).expanduser().resolve()
-    if is_complete(out_dir, expected):
+    if not force and is_complete(out_dir, expected):
         return out_dir
-    if not _looks_like_ours(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a generated dataset folder; refusing to replace it")
+    if not looks_like_ours(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a {what} dataset folder; refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{tag}"

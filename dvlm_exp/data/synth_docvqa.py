@@ -34,15 +34,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
-import shutil
-import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from dvlm_exp.data import publish
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -64,7 +63,7 @@ __all__ = [
 GENERATOR_VERSION = "1"
 TASK_NAME = "synth_docvqa"
 SPLIT = "validation"
-META_FILE = "dvlm_meta.json"
+META_FILE = publish.META_FILE
 GENERATOR_ID = "dvlm_exp.data.synth_docvqa"
 
 # (width, height) in pixels; chosen per sample by the RNG.
@@ -377,53 +376,14 @@ def _expected_meta(n: int, seed: int) -> dict:
     return {"generator": GENERATOR_ID, "version": GENERATOR_VERSION, "n": n, "seed": seed, "split": SPLIT, "task": TASK_NAME}
 
 
-def read_meta(out_dir: str | Path) -> dict | None:
-    """The parsed ``dvlm_meta.json`` of ``out_dir``, or None when absent/unreadable."""
-    path = Path(out_dir) / META_FILE
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _files_ok(out_dir: Path, meta: dict) -> bool:
-    files = meta.get("files")
-    if not isinstance(files, dict) or not files:
-        return False
-    for rel, size in files.items():
-        p = out_dir / rel
-        try:
-            if p.stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
+read_meta = publish.read_meta  # the parsed dvlm_meta.json of a folder, or None
 
 
 def is_complete(out_dir: str | Path, n: int | None = None, seed: int | None = None) -> bool:
     """True when ``out_dir`` holds a finished dataset of this generator version
     (and, when given, with this ``n`` / ``seed``)."""
-    out_dir = Path(out_dir)
-    meta = read_meta(out_dir)
-    if meta is None or meta.get("generator") != GENERATOR_ID or meta.get("version") != GENERATOR_VERSION:
-        return False
-    if n is not None and meta.get("n") != n:
-        return False
-    if seed is not None and meta.get("seed") != seed:
-        return False
-    return _files_ok(out_dir, meta)
-
-
-def _looks_like_ours(out_dir: Path) -> bool:
-    """Whether replacing ``out_dir`` can only lose a (possibly broken) dataset."""
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    entries = {p.name for p in out_dir.iterdir()}
-    return not entries or META_FILE in entries or "dataset_dict.json" in entries
+    expected = {k: v for k, v in _expected_meta(n, seed).items() if v is not None}
+    return publish.is_complete(out_dir, expected)
 
 
 def _fingerprint(n: int, seed: int) -> str:
@@ -440,14 +400,6 @@ def _build(tmp_dir: Path, n: int, seed: int) -> None:
     # byte-identical folder whatever way a datasets release derives it.
     ds = Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=_fingerprint(n, seed))
     DatasetDict({SPLIT: ds}).save_to_disk(str(tmp_dir))
-
-    files = {
-        p.relative_to(tmp_dir).as_posix(): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()
-    }
-    meta = {**_expected_meta(n, seed), "files": files}
-    with open(tmp_dir / META_FILE, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-        f.write("\n")
 
 
 def generate(out_dir: str | Path, n: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
@@ -474,28 +426,8 @@ def generate(out_dir: str | Path, n: int = 64, seed: int = 0, overwrite: bool = 
                 f"{out_dir} holds a synth_docvqa dataset with n={meta.get('n')}, seed={meta.get('seed')} "
                 f"(asked n={n}, seed={seed}); pass overwrite=True or use ensure() to replace it"
             )
-    if not _looks_like_ours(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a synth_docvqa dataset folder; refusing to replace it")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    old_dir = out_dir.parent / f".{out_dir.name}.old-{tag}"
-    try:
-        _build(tmp_dir, n, seed)
-        if out_dir.exists():
-            os.rename(out_dir, old_dir)
-        try:
-            os.rename(tmp_dir, out_dir)
-        except OSError:
-            # Someone else published concurrently; keep theirs if it is what we want.
-            if is_complete(out_dir, n, seed):
-                return out_dir
-            raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    return out_dir
+    return publish.publish(out_dir, _expected_meta(n, seed), lambda tmp: _build(tmp, n, seed), force=overwrite,
+                           what=TASK_NAME)
 
 
 def ensure(out_dir: str | Path, n: int = 64, seed: int = 0) -> Path:

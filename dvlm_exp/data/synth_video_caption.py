@@ -26,18 +26,16 @@ Evaluation: ``{"task": "synth_video_caption", "dataset_path": str(out_dir)}`` (s
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
+from dvlm_exp.data import publish
 from dvlm_exp.data.synth_video import BACKGROUNDS, clip_spec, make_clip
 
 GENERATOR_VERSION = "1"
 GENERATOR_ID = "dvlm_exp.data.synth_video_caption"
 TASK_NAME = "synth_video_caption"
 SPLIT = "test"
-META_FILE = "dvlm_meta.json"
+META_FILE = publish.META_FILE
 QUESTION = ("Please provide a detailed description of the video, focusing on the main subjects, "
             "their actions, the background scenes.")
 N_FRAMES = 16   # frames per clip (the model samples `task.video.max_frames` of them)
@@ -60,36 +58,15 @@ def _expected_meta(n: int, seed: int, out_dir: Path) -> dict:
             "task": TASK_NAME, "n_frames": N_FRAMES, "size": SIZE, "fps": FPS, "dir": str(out_dir)}
 
 
-def read_meta(out_dir: str | Path) -> dict | None:
-    try:
-        with open(Path(out_dir) / META_FILE, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
+read_meta = publish.read_meta
 
 
 def is_complete(out_dir: str | Path, n: int | None = None, seed: int | None = None) -> bool:
     """A finished dataset of this generator version, written at this very path (the rows hold
     absolute video paths), with every recorded file at its recorded size."""
     out_dir = Path(out_dir).expanduser().resolve()
-    meta = read_meta(out_dir)
-    if meta is None or meta.get("generator") != GENERATOR_ID or meta.get("version") != GENERATOR_VERSION:
-        return False
-    if meta.get("dir") != str(out_dir):
-        return False
-    if (n is not None and meta.get("n") != n) or (seed is not None and meta.get("seed") != seed):
-        return False
-    files = meta.get("files")
-    if not isinstance(files, dict) or not files:
-        return False
-    for rel, size in files.items():
-        try:
-            if (out_dir / rel).stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
+    expected = {k: v for k, v in _expected_meta(n, seed, out_dir).items() if v is not None}
+    return publish.is_complete(out_dir, expected)
 
 
 def _build(tmp_dir: Path, out_dir: Path, n: int, seed: int) -> None:
@@ -105,48 +82,17 @@ def _build(tmp_dir: Path, out_dir: Path, n: int, seed: int) -> None:
     ds = Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats, split=SPLIT)
     DatasetDict({SPLIT: ds}).save_to_disk(str(tmp_dir))
     (tmp_dir / "annotations.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    files = {p.relative_to(tmp_dir).as_posix(): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
-    meta = {**_expected_meta(n, seed, out_dir), "files": files}
-    (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _looks_like_ours(out_dir: Path) -> bool:
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    entries = {p.name for p in out_dir.iterdir()}
-    return not entries or META_FILE in entries or "dataset_dict.json" in entries
 
 
 def ensure(out_dir: str | Path, n: int = 8, seed: int = 0) -> Path:
-    """Reuse ``out_dir`` when it holds a complete dataset for ``(n, seed)``, else (re)write it.
-    Returns the absolute path.  A non-empty folder that is not such a dataset is never deleted."""
+    """Reuse ``out_dir`` when it holds a complete dataset for ``(n, seed)``, else (re)write it
+    atomically (dvlm_exp/data/publish.py). Returns the absolute path. A non-empty folder that is
+    not such a dataset is never deleted."""
     if n < 1 or seed < 0:
         raise ValueError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
     out_dir = Path(out_dir).expanduser().resolve()
-    if is_complete(out_dir, n, seed):
-        return out_dir
-    if not _looks_like_ours(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a {TASK_NAME} dataset folder; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    old_dir = out_dir.parent / f".{out_dir.name}.old-{tag}"
-    try:
-        _build(tmp_dir, out_dir, n, seed)
-        if out_dir.exists():
-            os.rename(out_dir, old_dir)
-        try:
-            os.rename(tmp_dir, out_dir)
-        except OSError:
-            if is_complete(out_dir, n, seed):  # someone else published the same dataset concurrently
-                return out_dir
-            raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    return out_dir
+    return publish.publish(out_dir, _expected_meta(n, seed, out_dir), lambda tmp: _build(tmp, out_dir, n, seed),
+                           what=TASK_NAME)
 
 
 def check_dataset(data_dir: str | Path) -> dict:
