@@ -83,9 +83,11 @@ def weights_fingerprint(path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def completed(run_dir: Path, cfg: DictConfig, fingerprint: str | None = None) -> dict | None:
+def completed(run_dir: Path, cfg: DictConfig, fingerprint=None) -> dict | None:
     """The complete record in run_dir when it was made with this config (and, when both are
-    known, the same weights fingerprint), else None."""
+    known, the same weights fingerprint), else None. `fingerprint` may be a callable, called
+    only when there is a matching record (it may resolve the model path: nothing is touched
+    for a job that has to run anyway)."""
     if not rec_io.is_complete(run_dir):
         return None
     try:
@@ -96,6 +98,8 @@ def completed(run_dir: Path, cfg: DictConfig, fingerprint: str | None = None) ->
         print(f"note: {run_dir} holds a complete record of another config; running this one replaces it",
               file=sys.stderr, flush=True)
         return None
+    if callable(fingerprint):
+        fingerprint = fingerprint()
     if fingerprint is not None and record.get("model_fingerprint") not in (None, fingerprint):
         print(f"note: {run_dir} holds a complete record made with other weights at the same model path "
               f"(fingerprint {record['model_fingerprint']} != {fingerprint}); running again", file=sys.stderr, flush=True)

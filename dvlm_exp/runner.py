@@ -296,7 +296,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    done = resume.completed(run_dir, cfg, model_fingerprint(cfg))
+    done = resume.completed(run_dir, cfg, lambda: model_fingerprint(cfg))
     if done is not None:  # a re-launched sweep only re-runs unfinished jobs
         print(f"skip: {run_dir} already complete", flush=True)
         return _main_metric(done)
