@@ -129,7 +129,8 @@ class Batcher:
         n_keep = rng.randint(need, N_VISUAL)
         out = []
         for ids, img, resp, objects in items:
-            rest = [i for i in range(N_VISUAL) if i not in set(objects)]
+            on_object = set(objects)
+            rest = [i for i in range(N_VISUAL) if i not in on_object]
             keep = sorted(objects + rng.sample(rest, n_keep - len(objects)))
             out.append((ids, img, resp, keep))
         return out

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from dvlm_exp.engine.attention import compute_masked
 from dvlm_exp.engine.engine import Engine, View, _lm_head
 from dvlm_exp.engine.state import Roles, Sequence
 from dvlm_exp.sampler import find_stop
@@ -75,8 +74,8 @@ class _CausalRows:
         qi = req.query_index.to(key.device)
         if qi.numel() == 0 or bool((qi == n - 1).all()):
             return req.compute(query, key, scaling, n_groups, value)
-        compute_masked(req, query, key, scaling, n_groups, value,
-                       lambda q, cols: cols[None, :] > q[:, None])  # future keys
+        req.compute(query, key, scaling, n_groups, value,
+                    blocked=lambda q, cols: cols[None, :] > q[:, None])  # future keys
 
 
 class _CausalEdit:

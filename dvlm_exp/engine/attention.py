@@ -50,18 +50,24 @@ class ScoreRequest:
     extra: dict = field(default_factory=dict)
 
     def compute(self, query: torch.Tensor, key: torch.Tensor, scaling: float, n_groups: int,
-                value: torch.Tensor | None = None) -> None:
+                value: torch.Tensor | None = None, blocked=None) -> None:
+        """Fill the result fields. `blocked(q_idx [c], cols [n]) -> bool [c, n]` hides keys from
+        query rows (causal AR prefill, prefix-LM mask); None = full bidirectional attention."""
         # query [1, h, n, dh] (post-RoPE), key / value [1, h_kv, n, dh]
         t0 = time.perf_counter()
+        qi = self.query_index.to(key.device)
         key = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
-        rows = query[0, :, self.query_index].float()  # [h, r, dh]
+        rows = query[0, :, qi].float()  # [h, r, dh]
         h, r, dh = rows.shape
         n = key.shape[1]
+        cols = torch.arange(n, device=key.device) if blocked is not None else None
         total = torch.zeros(n, dtype=torch.float32, device=key.device)
         chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, h * n))
         keep_rows, keep_heads = [], []
         for s in range(0, r, chunk):
             logits = torch.matmul(rows[:, s : s + chunk], key.transpose(1, 2)) * scaling  # [h, c, n]
+            if blocked is not None:
+                logits = logits.masked_fill(blocked(qi[s : s + chunk], cols)[None], float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             total += probs.sum(dim=(0, 1))
             if self.keep_rows:
@@ -80,39 +86,6 @@ class ScoreRequest:
         if key.is_cuda:
             torch.cuda.synchronize(key.device)  # once per decision: keeps `seconds` honest
         self.seconds = time.perf_counter() - t0
-
-
-def compute_masked(req, query, key, scaling, n_groups, value, blocked) -> None:
-    """Answer ScoreRequest `req` as `req.compute` does, but with `blocked(q_idx [c], cols [n]) ->
-    bool [c, n]` keys hidden from each query row (causal AR prefill, prefix-LM mask)."""
-    t0 = time.perf_counter()
-    qi = req.query_index.to(key.device)
-    k = repeat_kv(key, n_groups)[0].float()  # [h, n, dh]
-    rows = query[0, :, qi].float()  # [h, r, dh]
-    h, r, dh = rows.shape
-    n = k.shape[1]
-    cols = torch.arange(n, device=k.device)
-    total = torch.zeros(n, dtype=torch.float32, device=k.device)
-    chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, h * n))
-    keep_rows, keep_heads = [], []
-    for s in range(0, r, chunk):
-        logits = torch.matmul(rows[:, s : s + chunk], k.transpose(1, 2)) * scaling  # [h, c, n]
-        probs = torch.softmax(logits.masked_fill(blocked(qi[s : s + chunk], cols)[None], float("-inf")), dim=-1)
-        total += probs.sum(dim=(0, 1))
-        if req.keep_rows:
-            keep_rows.append(probs.mean(0))
-        if req.keep_heads:
-            keep_heads.append(probs)
-    req.column_mean = total / (h * r)
-    if req.keep_rows:
-        req.rows = torch.cat(keep_rows)
-    if req.keep_heads:
-        req.heads = torch.cat(keep_heads, dim=1)
-    if req.keep_values and value is not None:
-        req.values = repeat_kv(value, n_groups)[0].float()
-    req.n_rows, req.n_keys = r, n
-    req.flops = 2 * h * r * n * dh
-    req.seconds = time.perf_counter() - t0
 
 
 def dvlm_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -59,7 +59,6 @@ import time
 
 import torch
 
-from dvlm_exp.engine.attention import compute_masked
 from dvlm_exp.engine.engine import Engine, ForwardOut, View, _lm_head
 from dvlm_exp.engine.state import Roles, Sequence
 
@@ -87,8 +86,8 @@ class _PrefixRows:
         if qi.numel() == 0 or bool((qi >= self.n_prompt).all()):
             return req.compute(query, key, scaling, n_groups, value)
         m = self.n_prompt
-        compute_masked(req, query, key, scaling, n_groups, value,
-                       lambda q, cols: (q[:, None] < m) & (cols[None, :] >= m))  # prompt rows: no answer keys
+        req.compute(query, key, scaling, n_groups, value,
+                    blocked=lambda q, cols: (q[:, None] < m) & (cols[None, :] >= m))  # prompt rows: no answer keys
 
 
 class _PrefixEdit:
