@@ -218,3 +218,33 @@ def test_jobs_sharing_a_model_config_reuse_the_loaded_model(tiny_cfg):
     b = load_model(other_model)
     assert b is not a and next(b.parameters()).dtype == torch.bfloat16
     assert load_model(tiny_cfg) is not b  # one model in memory at a time: the first is loaded again
+
+
+def test_lm_head_fast_path_equals_the_linear_and_follows_weight_changes():
+    """The answer-row head (oneDNN, weight reordered once) against the plain nn.Linear: equal to
+    float32 rounding for 1-64 rows, bit-identical above 64 rows (the plain path, where the golden
+    logits are compared), re-packed after an in-place weight change, and seen by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dvlm_exp.engine import engine as eng
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(96, 5000, bias=False)
+    x = torch.randn(1, 80, 96)
+    with torch.inference_mode():
+        for m in (1, 2, 7, 17, 32, 64):
+            got, ref = eng._lm_head(head, x[:, :m]), head(x[:, :m])
+            assert got.shape == ref.shape == (1, m, 5000)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        assert torch.equal(eng._lm_head(head, x), head(x))  # 80 rows: the Linear itself
+        before = eng._lm_head(head, x[:, :4])
+        head.weight.mul_(-1.0)  # in place: same storage, new version
+        after = eng._lm_head(head, x[:, :4])
+    torch.testing.assert_close(after, -before, rtol=0, atol=0)
+    torch.testing.assert_close(after, head(x[:, :4]).detach(), rtol=1e-5, atol=1e-5)
+    if eng._ONEDNN_HEAD:  # the fast path ran: its FLOPs are counted like the Linear's
+        assert len(eng._PACKED_HEADS) >= 1
+        with FlopCounterMode(display=False) as fc, torch.inference_mode():
+            eng._lm_head(head, x[:, :17])
+        assert fc.get_total_flops() == 2 * 17 * 96 * 5000
