@@ -96,6 +96,8 @@ def parse_args(argv):
     a("--dtype", default="float32")
     a("--seed", type=int, default=0)
     a("--profile", action="store_true", help="also time each part of one run per config")
+    a("--no-memory", action="store_true",
+      help="skip the two untimed peak-memory runs per config (for large configs; memory is then null)")
     return p.parse_args(argv)
 
 
@@ -521,6 +523,27 @@ def profile_parts(model, seq0, sampler, cfg: Config, seed):
 
 
 # ---------------------------------------------------------------------------- main
+def published_redvtp() -> dict | None:
+    """RedVTP's headline LLaDA-V figures (throughput / latency change, %) from published.yaml,
+    to print beside ours; None when the file is not found."""
+    import yaml
+
+    from dvlm_exp.report import published_default
+
+    path = published_default()
+    if path is None or not path.is_file():
+        return None
+    papers = yaml.safe_load(path.read_text())
+    papers = papers.get("papers", papers) if isinstance(papers, dict) else papers
+    for paper in papers or []:
+        if isinstance(paper, dict) and paper.get("key") == "redvtp":
+            out = {h["metric"]: h["change_pct"] for h in paper.get("headlines", [])
+                   if isinstance(h, dict) and h.get("model") == "LLaDA-V" and "metric" in h}
+            return {"throughput_gain_pct": out.get("token-generation throughput"),
+                    "latency_change_pct": out.get("latency"), "source": f"{path.name}: {paper.get('arxiv')}"}
+    return None
+
+
 def _r(x, nd=4):
     return None if x is None else round(x, nd)
 
@@ -568,10 +591,13 @@ def main(argv=None) -> int:
     mem_kind = None
     for c in cfgs:  # one extra untimed run per config for its peak memory (after the timing)
         r = results[c.name]
+        if args.no_memory:
+            r.update(peak_mem_mb=None, peak_mem_delta_mb=None, peak_tensor_delta_mb=None)
+            continue
         m = measure_peak_memory(dev, lambda c=c: run_once(model, seq0, sampler, c, args.seed))
         mem_kind = m.pop("kind")
         r.update(m)
-    if dev.type != "cuda":  # CPU tensor peaks: one profiled run per config, after every RSS run
+    if dev.type != "cuda" and not args.no_memory:  # CPU tensor peaks: one profiled run per config
         for c in cfgs:
             gc.collect()
             results[c.name]["peak_tensor_delta_mb"] = _tensor_peak_mb(
@@ -605,6 +631,9 @@ def main(argv=None) -> int:
             "cpu_util": [round(x, 2) for x in r["cpu_util"]],
             "reps_redone": r.get("discarded", 0),
             "speedup_measured": round(measured, 4),
+            "tokens_per_s": round(args.gen / t, 4),  # answer slots decoded per second (the whole answer)
+            "throughput_gain_pct": round(100 * (measured - 1), 2),  # tokens/s over the unpruned run's
+            "latency_change_pct": round(100 * (1 / measured - 1), 2),
             "speedup_flops": round(predicted, 4),  # = flops_baseline / flops
             "ratio": round(measured / predicted, 4),  # realized / predicted
             "flops": int(f["total"]),
@@ -681,6 +710,11 @@ def main(argv=None) -> int:
     print("(fwd0 = the acting (scoring) forward; score % = scoring time / fwd0; ours x = the peer's time / ours (peer_of);"
           " head = LM-head rows with --head-rows vs every answer slot)")
     print(f"peak memory: {mem_kind}")
+    pub = published_redvtp()
+    gains = ", ".join(f"{row['config']} {row['throughput_gain_pct']:+.0f} %" for row in rows if row["method"] == "redvtp" and row["kind"] == "ours")
+    if pub and gains:
+        print(f"tokens/s over unpruned: {gains} (RedVTP published, LLaDA-V on GPU: up to "
+              f"{pub['throughput_gain_pct']:+g} % throughput, {pub['latency_change_pct']:+g} % latency)")
     if args.profile:
         print("\nper-part wall time of one run (ms):")
         for row in rows:
@@ -722,6 +756,7 @@ def main(argv=None) -> int:
                  "RedVTP: all layers of the scoring forward), layer outputs from SDPA; peers running eager "
                  "attention throughout (per-head n x n maps, unfused PV) are slower still",
         "torch": torch.__version__, "python": platform.python_version(),
+        "published_redvtp_llada_v": published_redvtp(),
         "results": rows,
         "min_ratio": min((row["ratio"] for row in ours_rows), default=None),
         "targets": targets,

@@ -120,3 +120,46 @@ def test_targets_section(summary):
     assert t["scoring_overhead_max"] == max(r["scoring_overhead"] for r in ours)
     assert set(t["meets_scoring_0.02"]) == {r["config"] for r in ours}
     assert set(t["speedup_over_peer"]) == {r["config"] for r in summary["results"] if r["kind"] == "peer"}
+
+
+def test_no_memory_skips_the_memory_runs():
+    """--no-memory (large configs): the timed configs as usual, memory reported as null."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *TINY, "--no-peers", "--no-memory",
+                           "--keeps", "0.5", "--methods", "fastv", "--query-sets", "last_token"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["config"] for r in out["results"]] == ["unpruned", "fastv_last_token_k0.5"]
+    for r in out["results"]:
+        assert r["peak_mem_mb"] is None and r["peak_tensor_delta_mb"] is None
+        assert r["median_s"] > 0 and r["speedup_flops"] >= 1.0
+
+
+def test_throughput_fields(summary):
+    """tokens/s = answer slots / latency; the gain and latency change follow the measured speedup."""
+    rows = {r["config"]: r for r in summary["results"]}
+    gen = summary["gen"]
+    for r in rows.values():
+        assert r["tokens_per_s"] == pytest.approx(gen / r["median_s"], rel=1e-2)  # median_s is rounded
+        assert r["throughput_gain_pct"] == pytest.approx(100 * (r["speedup_measured"] - 1), abs=0.01)
+        assert r["latency_change_pct"] == pytest.approx(100 * (1 / r["speedup_measured"] - 1), abs=0.01)
+    assert rows["unpruned"]["throughput_gain_pct"] == 0.0
+
+
+def test_published_redvtp_headline_is_read_from_the_yaml(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_mod", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_mod", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    pub = tmp_path / "published.yaml"
+    pub.write_text("papers:\n- key: fastv\n  headlines: []\n- key: redvtp\n  arxiv: '1.2'\n  headlines:\n"
+                   "  - {model: LLaDA-V, metric: token-generation throughput, change_pct: 186}\n"
+                   "  - {model: LLaDA-V, metric: latency, change_pct: -64.97}\n"
+                   "  - {model: LaViDa, metric: token-generation throughput, change_pct: 28}\n")
+    monkeypatch.setenv("DVLM_PUBLISHED", str(pub))
+    got = bench.published_redvtp()
+    assert got["throughput_gain_pct"] == 186 and got["latency_change_pct"] == -64.97
+    monkeypatch.setenv("DVLM_PUBLISHED", str(tmp_path / "absent.yaml"))
+    assert bench.published_redvtp() is None
