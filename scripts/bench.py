@@ -474,7 +474,7 @@ def profile_parts(model, seq0, sampler, cfg: Config, seed):
     from dvlm_exp.engine import Engine
     from dvlm_exp.engine import engine as engine_mod
 
-    # The engine calls the head through `_lm_head` (vocabulary chunks on CPU), so the
+    # The engine calls the head through `_lm_head` (oneDNN with a prepacked weight on CPU), so the
     # module's hooks may not fire: time that function when the engine has it.
     head_fn = getattr(engine_mod, "_lm_head", None)
 

@@ -243,6 +243,10 @@ def test_lm_head_fast_path_equals_the_linear_and_follows_weight_changes():
         after = eng._lm_head(head, x[:, :4])
     torch.testing.assert_close(after, -before, rtol=0, atol=0)
     torch.testing.assert_close(after, head(x[:, :4]).detach(), rtol=1e-5, atol=1e-5)
+    xg = x[:, :3].clone().requires_grad_(True)  # gradients flow through the head as through the Linear
+    eng._lm_head(head, xg).sum().backward()
+    torch.testing.assert_close(xg.grad, head.weight.sum(0).expand_as(xg).detach(), rtol=1e-4, atol=1e-4)
+    assert head.weight.grad is not None
     if eng._ONEDNN_HEAD:  # the fast path ran: its FLOPs are counted like the Linear's
         assert len(eng._PACKED_HEADS) >= 1
         with FlopCounterMode(display=False) as fc, torch.inference_mode():

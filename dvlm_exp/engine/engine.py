@@ -359,8 +359,9 @@ def _packed_weight(head: torch.nn.Linear) -> torch.Tensor:
 
 def _lm_head(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (type(head) is not torch.nn.Linear or x.device.type != "cpu" or x.dtype != torch.float32
-            or head.weight.dtype != torch.float32 or x.shape[-2] > _HEAD_FAST_MAX_ROWS or not _ONEDNN_HEAD):
-        return head(x)  # a wrapped or custom head runs as itself
+            or head.weight.dtype != torch.float32 or x.shape[-2] > _HEAD_FAST_MAX_ROWS or not _ONEDNN_HEAD
+            or (torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad))):
+        return head(x)  # a wrapped or custom head, or one gradients flow through, runs as itself
     b = head.bias
     lead = x.shape[:-1]
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), _packed_weight(head),
