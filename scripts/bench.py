@@ -33,7 +33,9 @@ pruned side), their ratio (realized / predicted, target >= 0.95), scoring time
 rows per step with `--head-rows` vs every answer slot and the head's FLOPs both ways, and peak
 memory per config from extra untimed runs (see `measure_peak_memory`: CUDA max allocated;
 CPU the kernel's RSS high-water mark reset per config, and the peak of torch's live CPU tensor
-bytes from the profiler's memory events). On CPU a rep during which
+bytes from the profiler's memory events; `--no-memory` skips them), and tokens/s (answer slots
+per second) with the throughput gain over unpruned, beside RedVTP's published LLaDA-V figure
+(shared/reference/published.yaml). On CPU a rep during which
 another process took a core (CPU use per thread < `--min-util`) is redone, up to `--retries`
 times; `cpu_util` per rep is reported. `--profile` adds a per-part breakdown of one extra run
 per config. The last stdout line is one JSON object; its "targets" section gathers the issue's
