@@ -535,12 +535,10 @@ def published_redvtp() -> dict | None:
     path = published_default()
     if path is None or not path.is_file():
         return None
-    papers = yaml.safe_load(path.read_text())
-    papers = papers.get("papers", papers) if isinstance(papers, dict) else papers
-    for paper in papers or []:
-        if isinstance(paper, dict) and paper.get("key") == "redvtp":
+    for paper in (yaml.safe_load(path.read_text()) or {}).get("papers") or []:
+        if paper.get("key") == "redvtp":
             out = {h["metric"]: h["change_pct"] for h in paper.get("headlines", [])
-                   if isinstance(h, dict) and h.get("model") == "LLaDA-V" and "metric" in h}
+                   if h.get("model") == "LLaDA-V" and "metric" in h}
             return {"throughput_gain_pct": out.get("token-generation throughput"),
                     "latency_change_pct": out.get("latency"), "source": f"{path.name}: {paper.get('arxiv')}"}
     return None
@@ -712,7 +710,7 @@ def main(argv=None) -> int:
     print("(fwd0 = the acting (scoring) forward; score % = scoring time / fwd0; ours x = the peer's time / ours (peer_of);"
           " head = LM-head rows with --head-rows vs every answer slot)")
     print(f"peak memory: {mem_kind}")
-    pub = published_redvtp()
+    pub = published_redvtp()  # also in the JSON below
     gains = ", ".join(f"{row['config']} {row['throughput_gain_pct']:+.0f} %" for row in rows if row["method"] == "redvtp" and row["kind"] == "ours")
     if pub and gains:
         print(f"tokens/s over unpruned: {gains} (RedVTP published, LLaDA-V on GPU: up to "
@@ -758,7 +756,7 @@ def main(argv=None) -> int:
                  "RedVTP: all layers of the scoring forward), layer outputs from SDPA; peers running eager "
                  "attention throughout (per-head n x n maps, unfused PV) are slower still",
         "torch": torch.__version__, "python": platform.python_version(),
-        "published_redvtp_llada_v": published_redvtp(),
+        "published_redvtp_llada_v": pub,
         "results": rows,
         "min_ratio": min((row["ratio"] for row in ours_rows), default=None),
         "targets": targets,

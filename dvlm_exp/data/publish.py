@@ -44,9 +44,8 @@ def is_complete(out_dir: str | Path, expected: dict) -> bool:
     return True
 
 
-def looks_like_ours(out_dir: Path) -> bool:
+def _looks_like_ours(out_dir: Path) -> bool:
     """Whether replacing `out_dir` can only lose a (possibly broken) generated dataset."""
-    out_dir = Path(out_dir)
     if not out_dir.exists():
         return True
     if not out_dir.is_dir():
@@ -63,7 +62,7 @@ def publish(out_dir: str | Path, expected: dict, build: Callable[[Path], None], 
     out_dir = Path(out_dir).expanduser().resolve()
     if not force and is_complete(out_dir, expected):
         return out_dir
-    if not looks_like_ours(out_dir):
+    if not _looks_like_ours(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a {what} dataset folder; refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -26,7 +26,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from dvlm_exp.engine.attention import ScoreRequest
 from dvlm_exp.engine.recorder import Recorder
