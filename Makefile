@@ -1,14 +1,24 @@
-PY ?= python3
+# The Python every target uses: the active virtualenv or conda env, else the project's .venv
+# (made by `make install`). Override with `make PY=/path/to/python ...`.
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PY ?= python
+else
+PY ?= .venv/bin/python
+endif
+ARGS ?=
 
-.PHONY: install test bench run
-install:            ## install everything (torch, transformers, lmms-eval, hydra+submitit, wandb, ...)
-	bash scripts/install.sh
+.PHONY: install lock test bench run
+install:            ## the locked environment (requirements.lock) in .venv or the active env
+	PY=$(PY) bash scripts/install.sh
+
+lock:               ## re-resolve requirements.in into requirements.lock (then: make install test)
+	bash scripts/lock.sh
 
 test:               ## the whole test suite (CPU, offline)
 	$(PY) -m pytest -q tests
 
 bench:              ## measured vs FLOPs-predicted speedup on a mid-size random model (JSON last line)
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(ARGS)
 
-run:                ## the main job on the embedded default
-	$(PY) run.py
+run:                ## the main job on the embedded default (extra overrides: make run ARGS="prune=fastv")
+	$(PY) run.py $(ARGS)

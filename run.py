@@ -1,11 +1,16 @@
 """python run.py [model=...] [prune=...] [prune.layer=K] [ratio=r] [schedule=...] [task=...] [-m ...]
 
 Thin Hydra entry point: the job lives in dvlm_exp.runner (imported lazily so that --help and
-config errors answer without loading torch or lmms-eval).
+config errors answer without loading torch or lmms-eval). Runs in the project's .venv when no
+environment is active (dvlm_exp/_venv.py).
 """
 
-import hydra
-from omegaconf import DictConfig
+from dvlm_exp._venv import use_project_venv
+
+use_project_venv()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

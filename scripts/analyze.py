@@ -24,6 +24,9 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # allow running from a checkout without `pip install -e .`
     sys.path.insert(0, str(_REPO))
+from dvlm_exp._venv import use_project_venv  # noqa: E402
+
+use_project_venv()
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -35,7 +35,7 @@ memory per config from extra untimed runs (see `measure_peak_memory`: CUDA max a
 CPU the kernel's RSS high-water mark reset per config, and the peak of torch's live CPU tensor
 bytes from the profiler's memory events; `--no-memory` skips them), and tokens/s (answer slots
 per second) with the throughput gain over unpruned, beside RedVTP's published LLaDA-V figure
-(shared/reference/published.yaml). On CPU a rep during which
+(dvlm_exp/published.yaml). On CPU a rep during which
 another process took a core (CPU use per thread < `--min-util`) is redone, up to `--retries`
 times; `cpu_util` per rep is reported. `--profile` adds a per-part breakdown of one extra run
 per config. The last stdout line is one JSON object; its "targets" section gathers the issue's
@@ -61,6 +61,9 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # allow running from a checkout without `pip install -e .`
     sys.path.insert(0, str(_REPO))
+from dvlm_exp._venv import use_project_venv  # noqa: E402
+
+use_project_venv()
 
 N_SPECIAL = 6  # bos, eos, mask, start_header, end_header, eot
 

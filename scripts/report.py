@@ -6,7 +6,7 @@
     python scripts/report.py outputs/multirun/2026-01-01/12-00-00 --map model:tiny=LLaDA-V --map task:synth_docvqa=DocVQA
 
 Collects every complete run (results.json + .dvlm_complete) under the given directories (failed and
-incomplete job dirs are skipped and counted), matches them to shared/reference/published.yaml
+incomplete job dirs are skipped and counted), matches them to dvlm_exp/published.yaml
 (--published, $DVLM_PUBLISHED; --published none: ours only) by (model, method, keep ratio, prune start,
 layer, benchmark) with the name mapping of dvlm_exp/report.py (docs/report.md; `--map kind:ours=theirs`,
 kind = model | method | task, adds to it), and writes under --out (default: <first dir>/report):
@@ -26,6 +26,9 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # allow running from a checkout without `pip install -e .`
     sys.path.insert(0, str(_REPO))
+from dvlm_exp._venv import use_project_venv  # noqa: E402
+
+use_project_venv()
 
 
 def parse_maps(items: list[str]) -> dict:
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", help="sweep dirs (or any dirs) holding run dirs with results.json")
     ap.add_argument("--out", help="output dir (default: <first dir>/report)")
-    ap.add_argument("--published", help="published.yaml (default: $DVLM_PUBLISHED or shared/reference/published.yaml); 'none': ours only")
+    ap.add_argument("--published", help="published.yaml (default: $DVLM_PUBLISHED or dvlm_exp/published.yaml); 'none': ours only")
     ap.add_argument("--map", action="append", default=[], metavar="KIND:OURS=THEIRS",
                     help="extra name mapping, e.g. model:tiny=LLaDA-V, task:synth_docvqa=DocVQA, method:random=Random")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

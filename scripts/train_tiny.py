@@ -50,12 +50,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dvlm_exp._venv import use_project_venv  # noqa: E402
 
+use_project_venv()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from dvlm_exp.data import synth_shapes  # noqa: E402
 from dvlm_exp.models import llava_image  # noqa: E402
 from dvlm_exp.models.llada_v import IMAGE_TOKEN_INDEX  # noqa: E402
