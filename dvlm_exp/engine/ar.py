@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from dvlm_exp.engine.engine import Engine, View, _lm_head
+from dvlm_exp.engine.kv import cache_kwargs
 from dvlm_exp.engine.state import Roles, Sequence
 from dvlm_exp.sampler import find_stop
 
@@ -171,7 +172,7 @@ class AREngine(Engine):
                 sub = torch.nonzero(view.roles != Roles.VISUAL).squeeze(1)
                 out = layer(hidden[:, sub], attention_mask=mask(sub.numel()),
                             position_embeddings=(cos_sin[0][:, sub], cos_sin[1][:, sub]),
-                            past_key_values=state.cache)
+                            **cache_kwargs(layer, state.cache))
                 hidden = hidden.clone()
                 hidden[:, sub] = out
                 state.cache_roles.append(view.roles[sub].clone())
@@ -185,7 +186,7 @@ class AREngine(Engine):
                 kwargs["dvlm_edit"] = _CausalEdit(edit)
             n = hidden.shape[1]
             hidden = layer(hidden, attention_mask=mask(n), position_embeddings=cos_sin,
-                           past_key_values=state.cache, **kwargs)
+                           **cache_kwargs(layer, state.cache), **kwargs)
             if request is not None:
                 rec.current.scoring_flops += request.flops
                 rec.current.scoring_s += request.seconds
@@ -214,7 +215,7 @@ class AREngine(Engine):
         shared = self._cos_sin_at(x, state.prompt_len0 + t) if self.position_ids == "keep" else None
         for li, layer in enumerate(m.layers):
             cs = shared if shared is not None else self._cos_sin_at(x, state.cache_len(li))
-            x = layer(x, attention_mask=None, position_embeddings=cs, past_key_values=state.cache)
+            x = layer(x, attention_mask=None, position_embeddings=cs, **cache_kwargs(layer, state.cache))
             state.cache_roles[li] = torch.cat([state.cache_roles[li], state.cache_roles[li].new_full((1,), Roles.RESPONSE)])
             n_k = state.cache_len(li)
             rec.layer(t + 1, li, 1, n_k, int((state.cache_roles[li] == Roles.VISUAL).sum()))

@@ -60,6 +60,7 @@ import time
 import torch
 
 from dvlm_exp.engine.engine import Engine, ForwardOut, View, _lm_head
+from dvlm_exp.engine.kv import PromptCache, cache_kwargs
 from dvlm_exp.engine.state import Roles, Sequence
 
 PREFIX_CACHE_MODES = (False, True, "mask_only")
@@ -126,28 +127,6 @@ class _PrefixEdit:
         return out
 
 
-class _LayerKV:
-    """Stands in for a transformers Cache in the layer call (`update(k, v, layer_idx)`).
-
-    capture: stores the K/V of the first `n_prompt` tokens of the call (post-RoPE) and returns
-    the call's own K/V; replay: returns [stored prompt K/V, new K/V] and stores nothing."""
-
-    def __init__(self):
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.capture = True
-        self.n_prompt = 0
-
-    def update(self, key, value, layer_idx, cache_kwargs=None):
-        if self.capture:
-            self.kv[layer_idx] = (key[:, :, : self.n_prompt].clone(), value[:, :, : self.n_prompt].clone())
-            return key, value
-        pk, pv = self.kv[layer_idx]
-        return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
-
-    def length(self, layer_idx: int) -> int:
-        return int(self.kv[layer_idx][0].shape[-2])
-
-
 class PrefixEngine(Engine):
     """Prefix-DLM forwards: `cache=True` caches the prompt K/V at the first forward of a request
     and runs only the answer afterwards; `cache=False` runs the full prefix-masked forward at
@@ -159,7 +138,7 @@ class PrefixEngine(Engine):
         self.cache = bool(cache)
         if self.cache and self.probes:
             raise ValueError("probes need the full sequence at every step: not available with model.prefix_cache=true")
-        self._kv: _LayerKV | None = None
+        self._kv: PromptCache | None = None
 
     def begin_sample(self, total_steps: int) -> None:
         super().begin_sample(total_steps)
@@ -201,7 +180,7 @@ class PrefixEngine(Engine):
         pos_ids = positions if self.position_ids == "keep" else idx  # rotary position of each current token
         cos_sin = self._rotary(hidden, pos_ids)
         capture = self.cache
-        kv = _LayerKV() if capture else None
+        kv = PromptCache() if capture else None
         if capture:
             self._resp_pos0, self._cached_visual = [], []
 
@@ -261,7 +240,7 @@ class PrefixEngine(Engine):
                     kv.n_prompt = int((sub_roles != Roles.RESPONSE).sum())
                     self._cached_visual.append(0)
                 out = layer(hidden[:, sub], attention_mask=prefix_mask(sub_roles),
-                            position_embeddings=(cos_sin[0][:, sub], cos_sin[1][:, sub]), past_key_values=kv)
+                            position_embeddings=(cos_sin[0][:, sub], cos_sin[1][:, sub]), **cache_kwargs(layer, kv))
                 hidden = hidden.clone()
                 hidden[:, sub] = out
                 rec.layer(step, li, sub.numel(), sub.numel(), 0)
@@ -277,7 +256,7 @@ class PrefixEngine(Engine):
                 kv.n_prompt = n_prompt
                 self._cached_visual.append(n_vis)
             hidden = layer(hidden, attention_mask=prefix_mask(view.roles), position_embeddings=cos_sin,
-                           past_key_values=kv, **kwargs)
+                           **cache_kwargs(layer, kv), **kwargs)
             if request is not None:
                 rec.current.scoring_flops += request.flops
                 rec.current.scoring_s += request.seconds
@@ -329,8 +308,8 @@ class PrefixEngine(Engine):
             p0 = self._resp_pos0[li]
             if p0 not in rot:
                 rot[p0] = self._rotary(x, p0 + offs)
-            x = layer(x, attention_mask=None, position_embeddings=rot[p0], past_key_values=kv)
-            rec.layer(step, li, G, kv.length(li) + G, self._cached_visual[li])
+            x = layer(x, attention_mask=None, position_embeddings=rot[p0], **cache_kwargs(layer, kv))
+            rec.layer(step, li, G, kv.get_seq_length(li) + G, self._cached_visual[li])
         shift = int(getattr(m, "logit_shift", 0))
         full = torch.cat([self._tail, x], dim=1) if shift else x  # row r + shift <-> answer row r
         rows = offs if response_rows is None else response_rows.to(x.device)
