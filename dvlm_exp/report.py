@@ -7,7 +7,7 @@ A run is one directory holding `results.json` + `.dvlm_complete` (dvlm_exp.recor
 with `failed.json`, or a `.hydra/` but no complete record (still running, killed), are skipped and counted.
 Each run becomes one row of `runs.csv`: its keys in the papers' vocabulary (see the mappings below and
 docs/report.md) and its main score on the paper's scale. Runs are then matched to the rows of
-shared/reference/published.yaml by (model, method, keep_ratio, prune start, layer, benchmark) and laid out
+dvlm_exp/published.yaml by (model, method, keep_ratio, prune start, layer, benchmark) and laid out
 as the paper's tables: rows = model x method x keep ratio (x start, x layer where they vary), columns =
 benchmarks, cells = ours / published / delta; plus an efficiency table (our FLOPs reduction, our and the
 published time change vs the baseline), PNG plots (accuracy vs FLOPs reduction with the Pareto front,
@@ -110,15 +110,13 @@ NO_KEEP = {"visipruner", "skip"}
 AVG_LABEL = "Avg (relative %)"
 
 
-def published_default() -> Path | None:
-    """$DVLM_PUBLISHED, else shared/reference/published.yaml in the checkout or beside it."""
+PUBLISHED = Path(__file__).resolve().parent / "published.yaml"  # shipped with the package
+
+
+def published_default() -> Path:
+    """$DVLM_PUBLISHED, else the published numbers shipped in the package (dvlm_exp/published.yaml)."""
     env = os.environ.get("DVLM_PUBLISHED")
-    if env:
-        return Path(env)
-    for p in (REPO / "shared" / "reference" / "published.yaml", REPO.parent / "shared" / "reference" / "published.yaml"):
-        if p.is_file():
-            return p
-    return None
+    return Path(env) if env else PUBLISHED
 
 
 # --------------------------------------------------------------------------------------------------

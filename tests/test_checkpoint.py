@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import GOLDEN
 from dvlm_exp.models.checkpoint import CheckpointError, weight_files
 from dvlm_exp.models.llada_v import LLaDAV
 
-GOLDEN_CKPT = Path(__file__).resolve().parent.parent.parent / "shared" / "golden" / "llada_v" / "checkpoint"
-needs_golden = pytest.mark.skipif(not GOLDEN_CKPT.is_dir(), reason="shared/golden/llada_v not present")
+GOLDEN_CKPT = GOLDEN / "checkpoint"
 
 SPEC = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
@@ -172,7 +172,6 @@ def test_layout_official_key_names(stored):
     assert stored["model.mm_projector.0.weight"].shape == (32, 16)
 
 
-@needs_golden
 def test_layout_key_set_matches_golden(stored):
     """Same key names as the golden checkpoint (written by the official code), up to layer counts."""
     def shape(keys):
@@ -182,7 +181,6 @@ def test_layout_key_set_matches_golden(stored):
     assert shape(stored) == shape(golden)
 
 
-@needs_golden
 def test_layout_config(ckpt, config):
     golden = json.loads((GOLDEN_CKPT / "config.json").read_text())
     assert config["model_type"] == "llava_llada"
@@ -313,7 +311,6 @@ def test_generation_runs_and_never_emits_banned_ids(model, monkeypatch):
     assert set(gen.recorder.samples[-1].output_ids) <= BANNED
 
 
-@needs_golden
 def test_golden_checkpoint_loads_without_tokenizer():
     assert not (GOLDEN_CKPT / "tokenizer.json").exists()
     with pytest.raises(CheckpointError, match="tokenizer.json"):
@@ -495,7 +492,6 @@ def test_cli_llada_v_nonexistent_path(tmp_path, no_weight_io):
         assert str(missing) in str(e.value) and "download" in str(e.value)
 
 
-@needs_golden
 def test_cli_prune_layer_range_from_config_json(ckpt, no_weight_io):
     from dvlm_exp.validate import ConfigError
 

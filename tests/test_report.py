@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from conftest import REPO
+from dvlm_exp.report import PUBLISHED  # shipped in the package
 
 SMALL = ["limit=1", "progress=false", "task.synthetic.n=2", "task.gen.gen_length=8", "task.gen.block_length=8",
          "task.gen.steps=4"]
-PUBLISHED = REPO.parent / "shared" / "reference" / "published.yaml"
 
 SYNTH_PUBLISHED = {
     "schema_version": 1,
@@ -222,7 +222,6 @@ def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict
         (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prune": choice}}}}))
 
 
-@pytest.mark.skipif(not PUBLISHED.is_file(), reason=f"{PUBLISHED} not present")
 def test_paper_vocabulary_against_published_yaml(tmp_path):
     from dvlm_exp.report import build_report
 
