@@ -2,8 +2,10 @@
 
 The vectors in shared/golden/llada_v were produced by ML-GSAI/LLaDA-V itself (see its
 README): visual-token layout, inputs_embeds, one full forward, and generate() for greedy,
-random-remasking and temperature runs. Our loader, vision path, engine and sampler must
-reproduce them bit for bit on CPU float32.
+random-remasking and temperature runs (copied into tests/golden/llada_v). Our loader, vision path,
+engine and sampler must reproduce them on any CPU: exactly for counts, layouts, shapes, argmaxes,
+generated ids, unmasking orders and forward counts; within the float32 tolerances derived below
+for embeddings and logits (bit equality is printed, since it depends on the machine's kernels).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from dvlm_exp.engine import Engine
 from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig
 
 CASES = ["case_500x300", "case_384x384"]
-pytestmark = pytest.mark.skipif(not golden_dir().is_dir(), reason="shared/golden/llada_v not present")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,39 @@ def sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
+# Float tolerances. The golden floats are float32 results of the official code on one CPU; another
+# CPU's BLAS / SDPA kernels (AVX2 vs AVX-512 / AMX blocking, oneDNN vs MKL) sum in another order,
+# which moves every result by a few ulps of the terms summed.
+# - Embeddings: a row is at most ~10^3 float32 roundings away from the pixels (2 SigLIP layers of
+#   width 32/64, a 2-layer projector), so its error is ~sqrt(10^3) * 6e-8 ~ 2e-6 of its scale;
+#   relative 1e-5 bounds it with margin (seen: 7e-7 / 9e-7 on an AVX-512 machine).
+# - Logits: the golden checkpoint's attention is deliberately peaky (q/k/v at 3N/sqrt(fan_in)), so
+#   the 3 LLM layers amplify an input error: multiplying the inputs_embeds by (1 + 1e-6 N) moves the
+#   logits by 6e-5 of max|logit| (60x; measured on both cases). With the ~2e-6 embedding error above
+#   that is ~1.2e-4 of max|logit|: bound 2e-4 (seen: 3.5e-5 / 4.5e-5). Logit errors are measured
+#   against the largest |logit| of the forward, not elementwise (cancellation).
+# Both stay below what decides an output: the smallest top-1 / top-2 logit gap of any committed
+# token is 0.009 (README 5(d)), so argmaxes, generated ids and unmasking orders are exact and are
+# asserted exactly.
+EMBED_RTOL = 1e-5
+LOGIT_REL = 2e-4
+
+
+def assert_close_rel(actual, expected, rtol, what, scale=None):
+    """|actual - expected| <= rtol * scale (default max|expected|), in float64; returns the relative error."""
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape, (what, a.shape, e.shape)
+    scale = float(e.abs().max()) if scale is None else float(scale)
+    err = float((a - e).abs().max())
+    assert err <= rtol * scale, f"{what}: max |diff| {err:.3g} > {rtol:g} x max|ref| {scale:.3g}"
+    return err / scale if scale else 0.0
+
+
+def report_bits(what, equal: bool, rel: float):
+    """Bit equality is a property of the machine (BLAS kernels), not of the code: printed, not asserted."""
+    print(f"[golden] {what}: {'bit-identical to the official vectors' if equal else f'not bit-identical; max rel diff {rel:.2e}'}")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_visual_tokens_and_embeddings(golden_model, case):
     ids, exp, tens, img = load_case(case)
@@ -52,11 +86,22 @@ def test_visual_tokens_and_embeddings(golden_model, case):
     vis = torch.nonzero(seq.roles == 1).squeeze(1)
     assert (int(vis[0]), int(vis[-1]) + 1) == (start, end)
     emb = seq.prompt_embeds[None]
-    assert list(emb.shape) == exp["inputs_embeds"]["shape"]
-    assert sha256(emb) == exp["inputs_embeds"]["sha256"]
-    assert torch.equal(seq.prompt_embeds.norm(dim=-1), tens["inputs_embeds_row_l2"])
+    e = exp["inputs_embeds"]
+    assert list(emb.shape) == e["shape"] and str(emb.dtype).endswith(e["dtype"].split(".")[-1])
+    rel = assert_close_rel(seq.prompt_embeds.norm(dim=-1), tens["inputs_embeds_row_l2"], EMBED_RTOL, "row L2 norms")
+    for r in e["rows"]:
+        row = seq.prompt_embeds[r["row"]]
+        if not start <= r["row"] < end:  # text rows are embedding lookups: exact on any machine
+            assert row[:5].tolist() == r["first5"] and row[-5:].tolist() == r["last5"], r["row"]
+            continue
+        assert_close_rel(row[:5], torch.tensor(r["first5"]), EMBED_RTOL, f"row {r['row']} first 5", scale=r["l2"])
+        assert_close_rel(row[-5:], torch.tensor(r["last5"]), EMBED_RTOL, f"row {r['row']} last 5", scale=r["l2"])
+    assert abs(float(emb.double().sum()) - e["sum"]) <= EMBED_RTOL * e["abs_sum"]
+    if "inputs_embeds" in tens:
+        rel = max(rel, assert_close_rel(seq.prompt_embeds, tens["inputs_embeds"], EMBED_RTOL, "inputs_embeds"))
     base0 = golden_model.encode_views(golden_model_views(golden_model, img)[:1])[0, :8]
-    assert torch.equal(base0, tens["vision_features_view0_first8"])
+    rel = max(rel, assert_close_rel(base0, tens["vision_features_view0_first8"], EMBED_RTOL, "view-0 features"))
+    report_bits(f"{case} inputs_embeds", sha256(emb) == e["sha256"], rel)
 
 
 def golden_model_views(model, img):
@@ -75,20 +120,26 @@ def test_full_forward_logits(golden_model, case):
     eng.recorder.start_sample()
     logits = eng.forward(seq, step=0, response_rows=None).logits  # every row, as the official forward
     assert list(logits[None].shape) == f["logits_shape"]
-    assert sha256(logits[None]) == f["logits_sha256"]
     sub = f["vocab_subset"]
-    assert torch.equal(logits[:, sub], tens["logits_vocab_subset_all_positions"])
+    rel = assert_close_rel(logits[:, sub], tens["logits_vocab_subset_all_positions"], LOGIT_REL, "logits (vocab subset)")
     assert torch.equal(logits.argmax(-1), tens["logits_argmax_all_positions"])
+    scale = float(tens["logits_max_all_positions"].abs().max())
+    assert_close_rel(logits.max(-1).values, tens["logits_max_all_positions"], LOGIT_REL, "row max logit")
+    lse = torch.logsumexp(logits.double(), dim=-1)
+    err = float((lse - tens["logits_logsumexp_all_positions_f64"]).abs().max())
+    assert err <= LOGIT_REL * scale, f"logsumexp: {err:.3g}"
     lo, hi = f["mask_positions"]
     assert logits[lo:hi].argmax(-1).tolist() == f["argmax_at_mask_positions"]
     if "logits_full_vocab_mask_positions" in tens:
-        assert torch.equal(logits[lo:hi], tens["logits_full_vocab_mask_positions"])
+        full = tens["logits_full_vocab_mask_positions"]
+        rel = max(rel, assert_close_rel(logits[lo:hi], full, LOGIT_REL, "full-vocab logits at the masks"))
+    report_bits(f"{case} logits", sha256(logits[None]) == f["logits_sha256"], rel)
 
 
 def _runs():
     out = []
     for case in CASES:
-        exp = json.loads((golden_dir() / case / "expected.json").read_text()) if golden_dir().is_dir() else {}
+        exp = json.loads((golden_dir() / case / "expected.json").read_text())
         for vocab_set, runs in exp.items():
             if vocab_set.startswith("generate_"):
                 out += [(case, vocab_set, name) for name in runs]

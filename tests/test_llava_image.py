@@ -12,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import GOLDEN
 from dvlm_exp.models import llava_image as L
 
-GOLDEN = Path("/work/shared/golden/llada_v")
 CASES = ["case_500x300", "case_384x384"]
 S = 384
 PPS = 27
 
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason="LLaDA-V golden files not available")
 
 
 # 36 pin-points [384*i, 384*j], i, j in 1..6 (first element = width), as in models.md §1.6.
@@ -28,8 +27,6 @@ PINS_36 = [(S * i, S * j) for i in range(1, 7) for j in range(1, 7)]
 
 @pytest.fixture(scope="module")
 def config_pins():
-    if not GOLDEN.is_dir():
-        pytest.skip("golden files not available")
     cfg = json.loads((GOLDEN / "checkpoint" / "config.json").read_text())
     return cfg["image_grid_pinpoints"]
 
@@ -69,7 +66,6 @@ def test_select_best_resolution_width_height_order():
 # --------------------------------------------------------------------------------------------
 
 
-@needs_golden
 @pytest.mark.parametrize("case", CASES)
 def test_golden_views_and_pixels(case, config_pins):
     exp = _expected(case)
@@ -111,7 +107,6 @@ def test_golden_views_and_pixels(case, config_pins):
 # --------------------------------------------------------------------------------------------
 
 
-@needs_golden
 @pytest.mark.parametrize("case", CASES)
 def test_golden_visual_token_counts(case, config_pins):
     exp = _expected(case)
@@ -162,10 +157,60 @@ def test_worked_token_table(wh, grid, rows_cols, total):
     assert info["newline_tokens"] == rows_cols[0]
 
 
+def _ref_grid_rows_cols(wh, pins, pps=PPS, max_tiles=4, image_size=S):
+    """Independent restatement of the official LLaDA-V rule (llava_arch.py, anyres_max_4):
+    best pin-point (max effective area, then min waste), unpad_image cropping the letterbox
+    symmetrically with floor(padding) (an odd difference keeps one extra row/column), then the
+    anyres_max downscale only when sqrt(h*w / (N*pps*pps)) > 1.1, to int(h // times) x
+    int(w // times) (float floor division), before the newline column is appended."""
+    ow, oh = wh
+    best, best_key = None, None
+    for w, h in pins:
+        scale = min(w / ow, h / oh)
+        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
+        key = (eff, -(w * h - eff))
+        if best_key is None or key > best_key:  # first candidate wins exact ties
+            best, best_key = (w, h), key
+    rows, cols = best[1] // image_size * pps, best[0] // image_size * pps
+    if ow / oh > cols / rows:
+        pad = (rows - int(oh * (cols / ow))) // 2
+        rows -= 2 * pad
+    else:
+        pad = (cols - int(ow * (rows / oh))) // 2
+        cols -= 2 * pad
+    if max_tiles is not None:
+        times = math.sqrt(rows * cols / (max_tiles * pps * pps))
+        if times > 1.1:
+            rows, cols = int(rows // times), int(cols // times)
+    return rows, cols
+
+
+@pytest.mark.parametrize("h, w, want", [
+    (54, 54, (54, 54)),      # times = 1: no downscale
+    (135, 25, (135, 25)),    # times = sqrt(3375/2916) = 1.076 <= 1.1: no downscale
+    (81, 81, (54, 54)),      # times = 1.5
+    (162, 54, (93, 31)),     # times = sqrt(3) = 1.732: 162 // 1.732 = 93.53 -> 93 (floor, not round)
+    (81, 162, (38, 76)),     # times = sqrt(4.5) = 2.121: 38.18 -> 38, 76.37 -> 76
+    (60, 54, (60, 54)),      # times = sqrt(3240/2916) = 1.054: only a threshold of 1.0 would shrink it
+])
+def test_anyres_max_target_shape_rule(h, w, want):
+    """The anyres_max_4 downscale against hand-computed values: the 1.1 threshold (not 1.0) and
+    float floor division (not rounding)."""
+    assert L.anyres_max_target_shape(h, w, 4, PPS) == want
+    assert L.anyres_max_target_shape(h, w, None, PPS) == (h, w)  # max_tiles=None: plain spatial_unpad
+
+
 def test_num_visual_tokens_matches_packing_many_sizes():
+    """Token counts and packed lengths against the independent reference rule above (not against
+    the module's own anyres_max_target_shape), for many image sizes, two patch grids, with and
+    without the anyres_max_4 downscale."""
     rng = np.random.RandomState(1234)
     sizes = [tuple(int(x) for x in rng.randint(20, 4000, size=2)) for _ in range(60)]
     sizes += [(1, 1), (10, 3000), (3000, 10), (384, 385), (385, 384), (768, 384), (2304, 2304), (4000, 300)]
+    sizes += [(300, 1571), (1571, 300), (500, 300), (1000, 3000)]  # times in (1, 1.1]; odd unpad; floor
+    # (300, 1571): 1x5 tiles, 135x27 grid, width unpad int(300*135/1571)=25 -> 135x25, times 1.076: kept
+    assert _ref_grid_rows_cols((300, 1571), PINS_36) == (135, 25)
+    assert L.num_visual_tokens((300, 1571), PINS_36) == PPS * PPS + 135 * 26
     C = 1
     nl = torch.ones(C)
     for pps in (PPS, 5):
@@ -173,9 +218,12 @@ def test_num_visual_tokens_matches_packing_many_sizes():
             cols, rows = L.get_anyres_grid_shape(wh, PINS_36)
             feats = torch.zeros(1 + cols * rows, pps * pps, C)
             for max_tiles in (4, None):
+                ref_rows, ref_cols = _ref_grid_rows_cols(wh, PINS_36, pps=pps, max_tiles=max_tiles)
                 n = L.num_visual_tokens(wh, PINS_36, patches_per_side=pps, max_tiles=max_tiles)
-                out, _ = L.pack_image_features(feats, wh, PINS_36, patches_per_side=pps, newline=nl, max_tiles=max_tiles)
+                assert n == pps * pps + ref_rows * (ref_cols + 1), (wh, pps, max_tiles)
+                out, info = L.pack_image_features(feats, wh, PINS_36, patches_per_side=pps, newline=nl, max_tiles=max_tiles)
                 assert out.shape[0] == n, (wh, pps, max_tiles)
+                assert (info["grid_rows"], info["grid_cols"]) == (ref_rows, ref_cols), (wh, pps, max_tiles)
             # without a newline vector: no extra column
             out, info = L.pack_image_features(feats, wh, PINS_36, patches_per_side=pps, newline=None)
             assert info["newline_tokens"] == 0
