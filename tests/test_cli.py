@@ -154,3 +154,106 @@ def test_rerun_skips_only_with_the_same_weights(tmp_path):
     assert "skip:" not in p3.stdout and "made with other weights" in p3.stderr
     fp3 = json.loads((tmp_path / "run" / "results.json").read_text())["model_fingerprint"]
     assert fp1 and fp3 and fp3 != fp1
+
+
+def test_rerun_with_another_method_or_ratio_is_not_skipped(tmp_path):
+    """A run dir holding a complete record of prune=none must not count as done for prune=fastv
+    (nor fastv ratio=0.5 for ratio=0.25): the resume check must compare the whole config, not
+    only some keys. Catches resume.config_identity/completed ignoring `prune` or `ratio`."""
+    run = tmp_path / "run"
+    small = ("model=tiny", "task=synth_docvqa", "limit=1", "progress=false", "task.gen.gen_length=8",
+             "task.gen.block_length=8", "task.gen.steps=4", f"hydra.run.dir={run}")
+    p1 = run_cli(*small, "prune=none")
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["config"]["prune"]["name"] == "none"
+    for ratio in (0.5, 0.25):
+        p = run_cli(*small, "prune=fastv", "prune.layer=2", f"ratio={ratio}")
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "skip:" not in p.stdout, f"ratio={ratio}: {p.stdout[-2000:]}"
+        assert "holds a complete record of another config" in p.stderr, p.stderr[-2000:]
+        rec = check_record(run, "fastv")
+        assert rec["config"]["ratio"] == ratio
+        vis, kept = rec["tokens"]["visual_per_sample"], rec["tokens"]["visual_kept_per_sample"]
+        assert kept == [round(v * ratio) for v in vis]  # really pruned at the new ratio
+    # the same config again is skipped (so the checks above are not vacuous)
+    p = run_cli(*small, "prune=fastv", "prune.layer=2", "ratio=0.25")
+    assert p.returncode == 0 and f"skip: {run} already complete" in p.stdout, p.stdout[-2000:]
+
+
+class _TornWrite:
+    """A text file whose first write() puts half of the data on disk, then fails (a crash or a
+    full disk in the middle of writing)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(28, "No space left on device (simulated crash mid-write)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _crash_writes_to(monkeypatch, name: str) -> None:
+    """Make every file opened for writing whose name starts with `name` (results.json and any
+    temp file next to it) tear mid-write, whichever way it is opened."""
+    import builtins
+    import io
+
+    def torn_if_target(f, path):
+        if Path(str(path)).name.startswith(name):
+            return _TornWrite(f)
+        return f
+
+    real_open, real_fdopen = io.open, os.fdopen
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return torn_if_target(f, file) if any(c in mode for c in "wax+") and not isinstance(file, int) else f
+
+    def fake_fdopen(fd, mode="r", *a, **k):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        f = real_fdopen(fd, mode, *a, **k)
+        return torn_if_target(f, path) if any(c in mode for c in "wax+") else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "fdopen", fake_fdopen)
+
+
+def test_crash_while_writing_results_leaves_no_complete_record(tmp_path, monkeypatch, tiny_cfg):
+    """A crash in the middle of writing results.json leaves no results.json (no torn file in its
+    place: temp file + rename) and no completion marker (it is written only after results.json),
+    so resume runs the job again. Catches a non-atomic results.json write and a marker written
+    before results.json."""
+    from omegaconf import OmegaConf
+
+    from dvlm_exp import record as rec_io
+    from dvlm_exp import resume
+
+    record = {"config": OmegaConf.to_container(tiny_cfg, resolve=True), "metrics": {"anls,none": 0.5},
+              "pad": "x" * 10_000}
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    rec_io.write_results(ok, record)  # the same record written without a crash: resume would accept it
+    assert resume.completed(ok, tiny_cfg) is not None
+
+    run = tmp_path / "crashed"
+    run.mkdir()
+    _crash_writes_to(monkeypatch, "results.json")
+    with pytest.raises(OSError, match="simulated crash"):
+        rec_io.write_results(run, record)
+    monkeypatch.undo()
+    assert not (run / "results.json").exists(), (run / "results.json").read_text()[:200]
+    assert not (run / ".dvlm_complete").exists()
+    assert sorted(p.name for p in run.iterdir()) == []  # no temp file left behind either
+    assert not rec_io.is_complete(run) and resume.completed(run, tiny_cfg) is None

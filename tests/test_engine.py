@@ -7,6 +7,8 @@ the position policy or the persistence across steps shows up as a mismatch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -252,3 +254,94 @@ def test_lm_head_fast_path_equals_the_linear_and_follows_weight_changes():
         with FlopCounterMode(display=False) as fc, torch.inference_mode():
             eng._lm_head(head, x[:, :17])
         assert fc.get_total_flops() == 2 * 17 * 96 * 5000
+
+
+def naive_pruned_logits(model, prompt_embeds, prompt_pos, response_ids, prompt_len0):
+    """Every layer on an explicitly pruned sequence: the kept prompt tokens at their original
+    positions `prompt_pos`, answer slot j at prompt_len0 + j (answer-row logits)."""
+    with torch.no_grad():
+        h = torch.cat([prompt_embeds, model.embed_tokens(response_ids)])[None]
+        pos = torch.cat([prompt_pos, prompt_len0 + torch.arange(response_ids.numel())])
+        cos_sin = model.rotary_emb(h, pos[None])
+        for layer in model.layers:
+            h = layer(h, attention_mask=None, position_embeddings=cos_sin)
+        return model.lm_head(model.norm(h[:, -response_ids.numel():]))[0].float()
+
+
+def naive_fastv_first_step_generate(model, seq, K, ratio, query_set, steps):
+    """Greedy low-confidence decoding (one block) with FastV at step 0, by hand: step 0 scores
+    layer K-1 on the full sequence (naive attention matrix), runs layers >= K on the gathered
+    tokens with their original positions; later steps run every layer on the explicitly pruned
+    sequence (naive_pruned_logits). Returns the logits of every step and the final ids."""
+    G, mask_id = seq.gen_length, seq.mask_id
+    P0 = seq.prompt_embeds.shape[0]
+    ids = torch.full((G,), mask_id)
+    ks = [G // steps + (1 if i < G % steps else 0) for i in range(steps)]
+    roles = seq.all_roles()
+    vis = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    step_logits = []
+    keep_prompt = None
+    for t in range(steps):
+        if t == 0:
+            cur = replace(seq, response_ids=ids.clone())
+            A = naive_attention_matrix(model, cur, K - 1)
+            kept_vis = naive_fastv_keep(A, roles, naive_queries(query_set, roles, cur.is_mask), ratio)
+            keep_mask = seq.roles != Roles.VISUAL
+            keep_mask[vis[kept_vis]] = True
+            keep_prompt = torch.nonzero(keep_mask).squeeze(1)
+            keep_all = torch.cat([keep_prompt, P0 + torch.arange(G)])
+            with torch.no_grad():
+                h = torch.cat([seq.prompt_embeds, model.embed_tokens(ids)])[None]
+                cos, sin = model.rotary_emb(h, torch.arange(P0 + G)[None])
+                for layer in model.layers[:K]:
+                    h = layer(h, attention_mask=None, position_embeddings=(cos, sin))
+                h, cos, sin = h[:, keep_all], cos[:, keep_all], sin[:, keep_all]
+                for layer in model.layers[K:]:
+                    h = layer(h, attention_mask=None, position_embeddings=(cos, sin))
+                logits = model.lm_head(model.norm(h[:, -G:]))[0].float()
+        else:  # the original unpruned positions of the kept prompt tokens are their indices
+            logits = naive_pruned_logits(model, seq.prompt_embeds[keep_prompt], keep_prompt, ids, P0)
+        step_logits.append(logits.clone())
+        masked = ids == mask_id
+        for tid in model.banned_ids:
+            logits[:, tid] = torch.where(masked, -float("inf"), logits[:, tid])
+        x0 = logits.argmax(-1)
+        conf = torch.softmax(logits.double(), -1).gather(-1, x0[:, None])[:, 0]
+        conf[~masked] = -float("inf")
+        sel = torch.topk(conf, ks[t]).indices
+        ids[sel] = x0[sel]
+    return step_logits, ids.tolist(), keep_prompt
+
+
+def test_fastv_later_steps_keep_original_answer_positions(tiny_model, seq_factory):
+    """position_ids=keep after first-step pruning that persists: at every later step the answer
+    slots stay at prompt_len0 + j (not renumbered from the pruned length) and the kept prompt
+    tokens at their original positions. Catches Sequence.all_positions numbering the answer from
+    the current (pruned) prompt length: step 0 is unaffected, steps > 0 and the ids are not."""
+    from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig
+
+    K, ratio, G, steps = 2, 0.25, 8, 4
+    seq = seq_factory(gen_length=G)
+    ref_logits, ref_ids, ref_keep = naive_fastv_first_step_generate(tiny_model, seq, K, ratio, "last_token", steps)
+
+    seen = []
+
+    class Watched(Engine):
+        def forward(self, s, step, rows):
+            out = super().forward(s, step, rows)
+            seen.append((s.prompt_embeds.shape[0], s.positions.clone(), out.logits.clone()))
+            return out
+
+    eng = Watched(tiny_model, FastV(ratio=ratio, layer=K, query_set="last_token"), FirstStep(), position_ids="keep")
+    eng.recorder.start_sample()
+    cfg = SamplerConfig(gen_length=G, block_length=G, steps=steps)
+    ids, final = MaskedDiffusionSampler(cfg, tiny_model.banned_ids).generate(eng, seq)
+    assert len(seen) == steps
+    n_kept = ref_keep.numel()
+    assert n_kept < seq.prompt_embeds.shape[0]  # the pruning persists: later steps run shortened
+    for t, (n_prompt, positions, logits) in enumerate(seen):
+        if t > 0:
+            assert n_prompt == n_kept and torch.equal(positions, ref_keep)
+        torch.testing.assert_close(logits, ref_logits[t], rtol=1e-5, atol=1e-5, msg=f"step {t}")
+    assert ids == ref_ids
+    assert torch.equal(final.all_positions()[-G:], seq.prompt_len0 + torch.arange(G))

@@ -57,7 +57,7 @@ def test_image_tokens_match_prepared_sequence(tiny_cfg, doc_images, prepared):
 
 
 CASES = {
-    # id: (method, schedule step or None for FirstStep, preset)
+    # id: (method, schedule step or None for FirstStep or ("start_frac", frac), preset)
     "none": ("none", dict(), None, dict(gen_length=8, block_length=4, steps=4)),
     "fastv_last_k2": ("fastv", dict(ratio=0.3, layer=2, query_set="last_token"), None,
                       dict(gen_length=8, block_length=8, steps=4)),
@@ -67,26 +67,96 @@ CASES = {
                                   dict(gen_length=4, block_length=2, steps=6)),  # 3 steps/block > 2 slots
     "random_k0": ("random", dict(ratio=0.4, layer=0), None, dict(gen_length=6, block_length=6, steps=3)),
     "redvtp_after_step0": ("redvtp", dict(ratio=0.35), None, dict(gen_length=8, block_length=4, steps=4)),
+    # after_step acting later: the masked rows RedVTP scores at the acting step are fewer than
+    # gen_length (4 of 8 at step 2; 6 of 12 at step 3, block 1; floor(0.55 * 4) = 2 -> 4 of 8)
+    "redvtp_after_step2": ("redvtp", dict(ratio=0.35), 2, dict(gen_length=8, block_length=8, steps=4)),
+    "redvtp_after_step3_three_blocks": ("redvtp", dict(ratio=0.35), 3, dict(gen_length=12, block_length=4, steps=6)),
+    "redvtp_start_frac": ("redvtp", dict(ratio=0.5), ("start_frac", 0.55), dict(gen_length=8, block_length=8, steps=4)),
 }
+
+
+def _register_cpu_sdpa_flops():
+    """torch's FlopCounterMode has no formula for the CPU flash-attention kernel; give it the one
+    torch uses for the other SDPA kernels (public registration API; as tests/test_flops.py)."""
+    import torch
+    from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
+
+    try:
+        @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+        def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+    except RuntimeError:  # already registered (tests/test_flops.py or a newer torch)
+        pass
+
+
+def naive_price(rec, dims: dict) -> dict:
+    """Both FLOPs conventions of a SampleRecord written out by hand from dvlm_exp/flops.py's
+    docstring, one matmul at a time (independent of flops.sample_flops)."""
+    d, m, h, hkv, dh, V, T = (dims[k] for k in ("d", "m", "heads", "kv_heads", "head_dim", "vocab", "layers"))
+
+    def exact_layer(nq, nk):
+        q_proj = 2 * nq * d * (h * dh)
+        k_proj = v_proj = 2 * nq * d * (hkv * dh)  # grouped KV heads
+        o_proj = 2 * nq * (h * dh) * d
+        qk = av = 2 * nq * nk * (h * dh)
+        gate = up = down = 2 * nq * d * m  # SwiGLU
+        return q_proj + k_proj + v_proj + o_proj + qk + av + gate + up + down
+
+    def paper_layer(nq, nk):  # FastV paper: 4nd^2 + 2n^2d + 2ndm (MACs)
+        return 4 * nq * d * d + 2 * nq * nk * d + 2 * nq * d * m
+
+    n, vd, vm, p = dims["vision_patches"], dims["vision_d"], dims["vision_m"], dims["patch_size"]
+    patch_conv = 2 * n * (3 * p * p) * vd
+    siglip_layer = 4 * (2 * n * vd * vd) + 2 * (2 * n * n * vd) + 2 * (2 * n * vd * vm)  # qkvo, QK/AV, fc1/fc2
+    projector = 2 * n * dims["mm_hidden"] * d + 2 * n * d * d
+    vision = rec.vision_views * (patch_conv + dims["vision_layers"] * siglip_layer + projector)
+
+    out = {}
+    for conv, layer in (("exact", exact_layer), ("fastv_paper", paper_layer)):
+        dec = sum(c * layer(nq, nk) for (nq, nk), c in rec.layer_calls.items())
+        base = sum(c * T * layer(nf, nf) for nf, c in rec.baseline_forwards.items())
+        out[conv] = dict(decoder=dec, baseline_decoder=base, total=dec, baseline_total=base)
+    head, base_head = 2 * rec.lm_head_rows * d * V, 2 * rec.baseline_lm_head_rows * d * V
+    out["exact"].update(lm_head=head, vision=vision, scoring=rec.scoring_flops,
+                        total=out["exact"]["decoder"] + head + vision + rec.scoring_flops,
+                        baseline_total=out["exact"]["baseline_decoder"] + base_head + vision)
+    return out
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_plan_equals_engine_record(tiny_model, tiny_dims, doc_images, prepared, case):
+    """The plan equals, term by term, what the engine records in a real run; its FLOPs equal a
+    hand-written pricing of that record and what torch's FlopCounterMode counts around the run.
+    Catches a plan that prices the wrong masked rows (e.g. gen_length for an after_step method
+    acting after step 0) and a bug in flops.sample_flops (which prices both plan and engine)."""
+    import math
+    from fractions import Fraction
+
+    from torch.utils.flop_counter import FlopCounterMode
+
     from dvlm_exp.generator import GenPreset, Generator
     from dvlm_exp.registry import PRUNERS
-    from dvlm_exp.schedule import AtStep, FirstStep
+    from dvlm_exp.schedule import AtStep, FirstStep, StartFrac
 
     method, kw, at, gen = CASES[case]
     pruner = PRUNERS.get(method)(**kw)
-    schedule = FirstStep() if at is None else AtStep(at)
+    if at is None:
+        schedule, step = FirstStep(), 0
+    elif isinstance(at, tuple):  # start_frac: floor(frac * steps), by exact arithmetic
+        schedule, step = StartFrac(frac=at[1]), math.floor(Fraction(str(at[1])) * gen["steps"])
+    else:
+        schedule, step = AtStep(at), at
     preset = GenPreset(**gen, stop=[], honor_until=False)  # nothing stops early: NFE = steps
     g = Generator(tiny_model, pruner, schedule, preset)
-    g.generate(QUESTION, [doc_images[0]])
+    _register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as fc:
+        g.generate(QUESTION, [doc_images[0]])
+    counted = fc.get_total_flops()
     rec = g.recorder.current
 
     rec_plan = plan.plan_record(tiny_dims, prepared["n_visual"], prepared["n_text"], gen["gen_length"],
                                 gen["block_length"], gen["steps"], kw.get("ratio", 1.0), kw.get("layer", 0),
-                                step=at or 0, views=prepared["views"], method=method,
+                                step=step, views=prepared["views"], method=method,
                                 query_set=kw.get("query_set", "last_token"),
                                 position="after_step" if method == "redvtp" else "in_forward")
     assert rec_plan.n_forwards == rec.n_forwards
@@ -95,14 +165,21 @@ def test_plan_equals_engine_record(tiny_model, tiny_dims, doc_images, prepared, 
     assert rec_plan.kept_by_step_layer == rec.kept_by_step_layer
     assert (rec_plan.lm_head_rows, rec_plan.scoring_flops, rec_plan.vision_views) == \
            (rec.lm_head_rows, rec.scoring_flops, rec.vision_views)
+    if method == "redvtp" and step > 0:  # the case is what it claims: fewer masked rows than gen_length
+        assert 0 < rec.scoring_flops < tiny_dims["layers"] * flops.score_rows_flops(
+            gen["gen_length"], rec_plan.baseline_forwards.most_common(1)[0][0], tiny_dims)
 
     out = plan.plan(tiny_dims, prepared["n_visual"], prepared["n_text"], gen["gen_length"], gen["block_length"],
-                    gen["steps"], kw.get("ratio", 1.0), kw.get("layer", 0), step=at or 0, views=prepared["views"],
+                    gen["steps"], kw.get("ratio", 1.0), kw.get("layer", 0), step=step, views=prepared["views"],
                     method=method, query_set=kw.get("query_set", "last_token"),
                     position="after_step" if method == "redvtp" else "in_forward")
+    ref = naive_price(rec, tiny_dims)  # independent of flops.sample_flops
     for conv in flops.CONVENTIONS:
+        assert {k: out[conv][k] for k in ref[conv]} == ref[conv], conv
         engine = flops.sample_flops(rec, tiny_dims, conv)
         assert {k: out[conv][k] for k in engine} == engine, conv
+    # every matmul that ran, counted by torch (decoder, LM head, tower, projector, scoring rows)
+    assert out["exact"]["total"] == ref["exact"]["total"] == counted
     if method == "none":
         assert out["exact"]["total"] == out["exact"]["baseline_total"]
     else:

@@ -5,6 +5,8 @@ end to end through run.py in one multirun."""
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -71,17 +73,81 @@ def test_prune_preset_composes_checks_and_generates(prune, tiny_model, doc_image
         assert any(v != n for v in rec.kept_by_step_layer.values()), prune
 
 
+# README "Schedules" table, restated: the acting steps of each preset for S total steps (global
+# steps, 0-based), and what persists. confidence depends on the run: see _CONFIDENCE below.
+def _floor_frac(f: str, S: int) -> int:
+    return math.floor(Fraction(f) * S)
+
+
+README_STEPS = {
+    "first_step": lambda S: [0],
+    "at_step": lambda S: [3],                                                   # schedule.step=3
+    "start_frac": lambda S: [_floor_frac("0.5", S)],                            # frac default 0.5
+    "late_step": lambda S: [_floor_frac("0.75", S)],                            # f = 0.75
+    "progressive": lambda S: sorted({_floor_frac(f, S) for f in ("0", "0.25", "0.5", "0.75")}),
+    "every_step": lambda S: list(range(0, S)),                                  # start default 0
+}
+README_PERSIST = {"first_step": "state", "at_step": "state", "start_frac": "state", "late_step": "state",
+                  "progressive": "state", "every_step": "none", "confidence": "state"}
+# mean top-1 probability observed after each step; the default threshold 0.5 is first reached
+# after step 3, so confidence acts once, at step 4
+_CONFIDENCE = [0.1, 0.3, 0.49, 0.5, 0.2, 0.9] + [0.95] * 60
+
+
+def _acting_steps(sched, S: int) -> list[int]:
+    """Drive a schedule in the sampler's order (sampler.py / engine.py): the step's forward asks
+    acts_at in every layer, then the step's confidence is observed, then after_step asks acts_at
+    again. All asks of one step must agree."""
+    sched.begin(S)
+    acted = []
+    for step in range(S):
+        forward = [sched.acts_at(step) for _layer in range(2)]
+        if hasattr(sched, "observe"):
+            sched.observe(step, _CONFIDENCE[step])
+        after = sched.acts_at(step)
+        assert forward == [after, after], (step, forward, after)
+        if after:
+            acted.append(step)
+    return acted
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_schedule_preset_composes(schedule):
+def test_schedule_preset_acts_at_the_documented_steps(schedule):
+    """Each schedule preset, and its class built with defaults only (e.g. `~schedule.frac`), acts
+    at the steps of the README table for several total step counts S. Catches a wrong default
+    fraction (late_step 0.75), an off-by-one start (every_step), a floor turned into rounding,
+    a confidence start that is not the step after the threshold is reached."""
+    from dvlm_exp.registry import SCHEDULES as SCHED
     from dvlm_exp.runner import build_schedule, compose_config
     from dvlm_exp.validate import check
 
     extra = ["schedule.step=3"] if schedule == "at_step" else []
     cfg = compose_config(["prune=fastv", f"schedule={schedule}", *extra])
     check(cfg, data=False)
-    sched = build_schedule(cfg)
-    sched.begin(cfg.task.gen.steps)
-    assert sched.persist in ("state", "replay", "none")
+    builds = {"preset": build_schedule(cfg),
+              "class defaults": SCHED.get(cfg.schedule.name)(**({"step": 3} if schedule == "at_step" else {}))}
+    for how, sched in builds.items():
+        assert sched.persist == README_PERSIST[schedule], how
+        for S in (4, 7, 10, 16, 63, 64):
+            if schedule == "confidence":
+                want = [4] if S > 4 else []
+            else:
+                want = README_STEPS[schedule](S)
+            assert _acting_steps(sched, S) == want, (how, S)
+            assert sched.steps() == want, (how, S)  # what plans and reports list
+
+
+def test_progressive_keep_ratio_falls_linearly_to_ratio():
+    """progressive: at stage i of n (step floor(f_i * S)) keep 1 - (1 - ratio) * (i + 1) / n of the
+    original visual tokens, reaching `ratio` at the last stage; before a stage nothing changes."""
+    from dvlm_exp.schedule import Progressive
+
+    sched = Progressive()
+    sched.begin(16)  # stages at 0, 4, 8, 12
+    assert [sched.ratio_at(s, 0.25) for s in (0, 3, 4, 8, 11, 12, 15)] == [0.8125, 0.8125, 0.625, 0.4375, 0.4375, 0.25, 0.25]
+    late = Progressive(fracs=[0.5, 0.75])
+    late.begin(8)  # stages at 4, 6
+    assert [late.ratio_at(s, 0.5) for s in (0, 3, 4, 6, 7)] == [1.0, 1.0, 0.75, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("args,needle", [

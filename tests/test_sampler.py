@@ -168,3 +168,166 @@ def test_seeded_sampling_is_deterministic(tiny_model, prompt):
 def test_bad_sampler_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplerConfig(**kw).validate()
+
+
+# ------------------------------------------------------------------ scripted-logit sampler tests
+# A fake engine returns chosen logits per step, so the sampler's arithmetic (Gumbel noise,
+# top-k over confidence, the stop rule) can be checked on inputs a real model rarely produces.
+# The references below re-state the official LLaDA `generate` loop over the whole sequence
+# (prompt rows included) with the scripted logits in place of the model.
+
+
+class ScriptedEngine:
+    """forward(seq, step, rows) -> the step's scripted answer logits [G, V] at `rows`."""
+
+    def __init__(self, table):
+        self.table = table  # [steps, G, V] float32
+
+    def forward(self, seq, step, rows):
+        from dvlm_exp.engine.engine import ForwardOut
+
+        return ForwardOut(logits=self.table[step][rows].clone(), keep=None)
+
+
+def scripted_seq(P, G, mask_id, d=4):
+    from dvlm_exp.engine.state import Sequence
+
+    return Sequence(prompt_embeds=torch.zeros(P, d), roles=torch.zeros(P, dtype=torch.int8),
+                    positions=torch.arange(P), response_ids=torch.full((G,), mask_id), prompt_len0=P,
+                    mask_id=mask_id)
+
+
+def official_scripted(table, P, gen_length, block_length, steps, mask_id, temperature=0.0, stop_seqs=()):
+    """LLaDA's generate loop, literally, with logits[t] = [P rows of zeros ; table[t]].
+
+    Gumbel noise as the official `add_gumbel_noise`: float64 logits, one float64
+    torch.rand_like over the whole (1, L, V) logits, exp(logits) / (-log u) ** T.
+    Returns the final x over the answer, the answer cut at the stop, the per-step selections
+    and how many selected slots were not masked any more (the official loop leaves those as they are).
+    """
+    G, V = gen_length, table.shape[-1]
+    L = P + G
+    x = torch.full((1, L), mask_id)
+    x[0, :P] = 0  # prompt ids: never compared with mask_id (mask_id is out of the vocabulary)
+    nb = G // block_length
+    spb = steps // nb
+    stop_position, found = L, False
+    t, trace, overwrites = 0, [], 0
+    for b in range(nb):
+        bs, be = P + b * block_length, P + (b + 1) * block_length
+        if found and stop_position <= bs:
+            break
+        n = int((x[0, bs:be] == mask_id).sum())
+        ks = [n // spb + (1 if i < n % spb else 0) for i in range(spb)]
+        for i in range(spb):
+            mask_index = x == mask_id
+            if found and not mask_index[0, P:stop_position].any():
+                break
+            if not mask_index[0, bs:be].any():
+                break
+            logits = torch.cat([torch.zeros(P, V), table[t]])[None]  # [1, L, V]
+            if temperature > 0:
+                lg = logits.to(torch.float64)
+                noise = torch.rand_like(lg, dtype=torch.float64)
+                noisy = lg.exp() / (-torch.log(noise)) ** temperature
+            else:
+                noisy = logits
+            x0 = torch.argmax(noisy, dim=-1)
+            p = torch.softmax(logits.to(torch.float64), dim=-1)
+            x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            x0_p[:, stop_position if found else be:] = -np.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(-np.inf, dtype=x0_p.dtype))
+            transfer = torch.topk(confidence[0], k=ks[i]).indices
+            overwrites += int((~mask_index[0, transfer]).sum())
+            x[0, transfer] = x0[0, transfer]
+            trace.append(sorted((transfer - P).tolist()))
+            t += 1
+            gen = x[0, P:].tolist()
+            for s in stop_seqs:
+                for st in range(len(gen) - len(s) + 1):
+                    if gen[st:st + len(s)] == s:
+                        if not found or P + st < stop_position:
+                            stop_position, found = P + st, True
+                        break
+                if found:
+                    break
+    end = stop_position if found else L
+    return x[0, P:].tolist(), x[0, P:end].tolist(), trace, overwrites
+
+
+def run_scripted(table, P, G, block, steps, mask_id, temperature=0.0, stops=()):
+    seq = scripted_seq(P, G, mask_id)
+    cfg = SamplerConfig(gen_length=G, block_length=block, steps=steps, temperature=temperature)
+    trace = []
+    out, final = MaskedDiffusionSampler(cfg, []).generate(ScriptedEngine(table), seq, [list(s) for s in stops],
+                                                           trace=trace)
+    return final.response_ids.tolist(), out, trace
+
+
+@pytest.mark.parametrize("gen,block,steps,temperature", [(16, 16, 4, 1.0), (16, 8, 4, 0.7), (12, 12, 3, 0.5)])
+def test_gumbel_noise_is_float64_for_large_logits(gen, block, steps, temperature):
+    """Catches Gumbel noise computed in float32 (exp of the logits or the uniforms): logits of
+    100-120 overflow exp in float32 (> ~88.7), so every noisy score becomes inf and the argmax
+    collapses to token 0. Reference: the official float64 add_gumbel_noise over a (1, L, V)
+    rand_like per step, with the same seed."""
+    P, V, mask_id = 5, 50, 999
+    g = torch.Generator().manual_seed(gen * 100 + steps)
+    table = 100.0 + 20.0 * torch.rand(steps, gen, V, generator=g)
+    torch.manual_seed(3)
+    ref_x, ref_out, ref_trace, _ = official_scripted(table, P, gen, block, steps, mask_id, temperature)
+    torch.manual_seed(3)
+    ids, out, trace = run_scripted(table, P, gen, block, steps, mask_id, temperature)
+    assert ids == ref_x and out == ref_out
+    assert trace == ref_trace
+    assert len(set(out)) > 3  # the noise really picks varied tokens (an all-inf argmax gives only token 0)
+    # and it is noise: greedy decoding of the same logits gives other tokens
+    greedy, _, _ = run_scripted(table, P, gen, block, steps, mask_id, 0.0)
+    assert greedy != out
+
+
+def stop_table(G, V, steps, plan, seed):
+    """Random logits per step; plan[t] = {slot: token} gets a logit of +30 (committed at step t)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(steps, G, V, generator=g)
+    table[..., STOP] = -30.0  # the stop token only where the plan puts it
+    for t, slots in plan.items():
+        for j, tok in slots.items():
+            table[t, j, tok] = 30.0
+    return table
+
+
+STOP = 7
+STOP_PLANS = {
+    # 16 slots, 4 steps, k = 4: the tail first, then the stop at slot 4 with three slots before it;
+    # at step 3 one masked slot remains before the stop, so top-4 also picks three committed slots.
+    "16_16_4": (16, 16, 4, {0: {12: 20, 13: 21, 14: 22, 15: 23}, 1: {8: 24, 9: 25, 10: 26, 11: 27},
+                            2: {0: 28, 1: 29, 2: 30, 4: STOP}}),
+    # 12 slots, 3 steps, k = 4: the tail, then the stop at slot 3 (with slots 0, 1, 5); at step 2
+    # only slot 2 is masked before the stop.
+    "12_12_3": (12, 12, 3, {0: {8: 20, 9: 21, 10: 22, 11: 23}, 1: {0: 24, 1: 25, 3: STOP, 5: 26}}),
+}
+
+
+@pytest.mark.parametrize("case", list(STOP_PLANS))
+def test_stop_with_several_tokens_per_step_keeps_committed_slots(case):
+    """Catches `ids[sel] = x0[sel]` (instead of keeping non-masked selected slots): after a stop,
+    fewer masked slots than k can remain before it and top-k then selects committed slots too;
+    the official loop leaves those tokens as they are. With no prompt (P = 0) the official
+    confidence vector is exactly the answer's, so even top-k's ties pick the same slots and
+    the whole state and the selections can be compared."""
+    G, block, steps, plan = STOP_PLANS[case]
+    V, mask_id = 32, 999
+    for seed in range(3):
+        table = stop_table(G, V, steps, plan, seed)
+        ref_x, ref_out, ref_trace, overwrites = official_scripted(table, 0, G, block, steps, mask_id,
+                                                                  stop_seqs=[[STOP]])
+        assert overwrites > 0  # the case under test happens: committed slots are selected
+        ids, out, trace = run_scripted(table, 0, G, block, steps, mask_id, stops=[[STOP]])
+        assert out == ref_out and len(out) < G
+        assert ids == ref_x, seed
+        assert trace == ref_trace
+        # every committed token is the one chosen when it was committed (the plan's tokens)
+        for slots in plan.values():
+            for j, tok in slots.items():
+                assert ids[j] == tok

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import time
 from pathlib import Path
 
@@ -219,11 +220,30 @@ def test_mirror_layout_is_checked(tmp_path, offline):
 
 
 def test_cached_dataset_passes_offline(offline):
-    from dvlm_exp.validate import check
+    """Offline, the check passes exactly when lmms-eval's datasets cache holds the task's dataset
+    in the layout `datasets` reuses (<cache>/<ns>___<snake_name>/<config>/<version>/<hash>/), and
+    fails naming the dataset and the cache otherwise. Catches a cache detection (task_data.cached)
+    that always says yes (a missing or misnamed copy would pass, and lmms-eval would then retry
+    the Hub 5 times) or always says no (a cached dataset would be refused)."""
+    from dvlm_exp.validate import ConfigError, check
 
-    # the layout `datasets` reuses offline: <cache>/<ns>___<snake_name>/<config>/<version>/<hash>/
-    (offline.parent / "lmms_cache" / "lmms-lab-encoder___doc_vqa" / "DocVQA" / "0.0.0" / "abc123").mkdir(parents=True)
-    check(compose("task=docvqa_val"))
+    cache = offline.parent / "lmms_cache"
+    cfg = compose("task=docvqa_val")
+    refused = r"lmms-lab-encoder/DocVQA \(config DocVQA\).*HF_HUB_OFFLINE=1.*not in the datasets cache " + re.escape(str(cache))
+    with pytest.raises(ConfigError, match=refused):
+        check(cfg)  # nothing cached
+    wrong = [
+        cache / "lmms-lab-encoder___DocVQA" / "DocVQA" / "0.0.0" / "abc123",             # name not snake_cased
+        cache / "lmms-lab-encoder___doc_vqa" / "InfographicVQA" / "0.0.0" / "abc123",    # another config
+        cache / "lmms-lab-encoder___doc_vqa" / "DocVQA" / "0.0.0",                       # no prepared copy inside
+        offline / "datasets" / "lmms-lab-encoder___doc_vqa" / "DocVQA" / "0.0.0" / "abc123",  # not lmms-eval's cache
+    ]
+    for path in wrong:
+        path.mkdir(parents=True, exist_ok=True)
+        with pytest.raises(ConfigError, match=refused):
+            check(cfg)
+    (cache / "lmms-lab-encoder___doc_vqa" / "DocVQA" / "0.0.0" / "abc123").mkdir(parents=True)
+    check(cfg)  # the cached copy lmms-eval will load offline: no error
 
 
 def test_online_passes_and_unreachable_hub_fails(monkeypatch, tmp_path):
