@@ -23,7 +23,7 @@ echo "make install: into $($PY -c 'import sys; print(sys.prefix)') ($($PY --vers
 TORCH_LOCKED=$(sed -n 's/^# torch==\([^ ]*\).*/\1/p' "$LOCK")
 if ! $PY -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options (--index-url ...)
-  $PY -m pip install ${TORCH_SPEC:-torch==$TORCH_LOCKED}
+  $PY -m pip install ${TORCH_SPEC:-torch==$TORCH_LOCKED} -c "$LOCK"   # torch's own dependencies at their locked versions
 fi
 TORCH_VERSION=$($PY -c "import torch; print(torch.__version__.split('+')[0])")
 if [ "$TORCH_VERSION" != "$TORCH_LOCKED" ]; then

@@ -21,7 +21,7 @@ $P -m pip install -r requirements.in "torch==$TV"
   echo "# Python $($P -c 'import platform; print(platform.python_version(), platform.system(), platform.machine())')."
   echo "# \`make install\` uses it as pip constraints; refresh it with \`make lock\`, then \`make test\`."
   echo "# torch==$TV (installed first by scripts/install.sh; not a constraint, so another torch build can be used)"
-  $P -m pip freeze --exclude-editable | grep -viE '^(torch|dvlm[-_]exp)==' | LC_ALL=C sort -f
+  $P -m pip freeze --all --exclude-editable | grep -viE '^(pip|torch|dvlm[-_]exp)==' | LC_ALL=C sort -f
 } > requirements.lock.new
 mv requirements.lock.new requirements.lock
 echo "wrote requirements.lock ($(grep -vc '^#' requirements.lock) packages); now: make install && make test"

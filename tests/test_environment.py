@@ -13,8 +13,8 @@ from conftest import REPO
 
 LOCK = REPO / "requirements.lock"
 # Not in the lock by design: torch (any build, pinned by scripts/install.sh to what is installed),
-# a CUDA torch's own packages, the project itself and the venv's seed packages.
-UNLOCKED = re.compile(r"^(torch|dvlm-exp|pip|setuptools|wheel|nvidia-.*|triton|cuda-.*)$")
+# a CUDA torch's own packages, the project itself and pip.
+UNLOCKED = re.compile(r"^(torch|dvlm-exp|pip|nvidia-.*|triton|cuda-.*)$")
 
 
 def _norm(name: str) -> str:
