@@ -2,12 +2,15 @@
 
 A run writes nothing until it has finished; then results.json (via a temp file + rename)
 and the marker `.dvlm_complete`. `is_complete(dir)` is what resume logic and reports trust.
+Every file of a run goes through `write_atomic`: a write that fails (read-only or full disk)
+leaves no temp file and raises `WriteError`, which the job reports in one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,18 +19,47 @@ MARKER = ".dvlm_complete"
 SCHEMA_VERSION = 1
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+class WriteError(OSError):
+    """A run's file could not be written; str() is the one line the job prints."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(err.errno, err.strerror or str(err))
+        self.path = Path(path)
+        self.free = free_mb(self.path)  # now: the space may be back by the time someone reads the message
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror} (free space: {self.free} MB)"
+
+
+def free_mb(path: Path) -> str:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
     try:
+        return f"{shutil.disk_usage(p).free / 2**20:.0f}"
+    except OSError:
+        return "unknown"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from e
         raise
 
 

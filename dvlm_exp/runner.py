@@ -251,8 +251,9 @@ def baseline_predictions(cfg: DictConfig, generator) -> list[dict]:
     return predictions
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one job into run_dir; returns the record. Nothing is written unless it completes."""
+def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = None) -> dict:
+    """Run one job into run_dir; returns the record. Nothing but the per-sample journal (`journal`,
+    default: cfg's in run_dir) is written unless it completes."""
     check(cfg)
     judge_cfg = judging.preflight(cfg)  # a configured judge must answer before any weight loads
     sink = None
@@ -265,7 +266,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         generator = build_generator(cfg)
         # per-sample journal: a requeued/resubmitted job continues where it stopped (dvlm_exp.resume)
-        journal = resume.SampleJournal(run_dir, cfg, enabled=bool(cfg.get("resume_cache", True)))
+        if journal is None:
+            journal = resume.SampleJournal(run_dir, cfg, enabled=bool(cfg.get("resume_cache", True)))
         journal.attach(generator)
         with judging.session(cfg, judge_cfg) as judge:
             res, predictions = evaluate(cfg, generator)
@@ -292,19 +294,53 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Entry for run.py: one-line errors for bad input, the main metric as return value."""
+    """Entry for run.py: one run per run dir, one-line errors for bad input, interruptions and
+    unwritable files, the main metric as return value."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    in_submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    one_run = hc.mode == RunMode.RUN and not in_submitit  # else: fail this job, let the others run
+    journal = resume.SampleJournal(run_dir, cfg, enabled=bool(cfg.get("resume_cache", True)))
+    try:
+        # a requeued SLURM job may start while its previous attempt is still exiting: wait a little
+        with resume.RunDirLock(run_dir, hc.overrides.task, wait_s=60 if in_submitit else 0), \
+                resume.interrupts_raise(term=not in_submitit):
+            return _job(cfg, run_dir, journal, in_submitit)
+    except resume.RunDirBusy as e:  # nothing in run_dir is touched: it belongs to the other run
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if one_run:
+            sys.exit(2)
+        if in_submitit:
+            resume.exit_nonzero_at_exit(2)
+        raise
+    except (resume.Interrupted, KeyboardInterrupt) as e:  # no record: the same command resumes
+        print(f"error: {journal.interrupted_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code if isinstance(e, resume.Interrupted) else 130)
+    except rec_io.WriteError as e:  # read-only or full disk: one line, not a chain of tracebacks
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        try:
+            resume.write_failed(run_dir, e, cfg)
+        except OSError:
+            pass  # most likely the same disk: the line above is the report
+        if one_run:
+            sys.exit(1)
+        if in_submitit:
+            resume.exit_nonzero_at_exit()
+        raise
+
+
+def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submitit: bool) -> float | None:
     done = resume.completed(run_dir, cfg, lambda: model_fingerprint(cfg))
     if done is not None:  # a re-launched sweep only re-runs unfinished jobs
         print(f"skip: {run_dir} already complete", flush=True)
         return _main_metric(done)
-    in_submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
     if in_submitit:
         _limit_threads()
     try:
-        record = run(cfg, run_dir)
+        record = run(cfg, run_dir, journal)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         resume.write_failed(run_dir, e, cfg)
@@ -312,11 +348,17 @@ def main(cfg: DictConfig) -> float | None:
             resume.exit_nonzero_at_exit()
             raise
         sys.exit(2)
+    except rec_io.WriteError:
+        raise  # main() reports it
     except Exception as e:  # recorded, then re-raised: Hydra reports the job failed, the multirun exits non-zero
-        resume.write_failed(run_dir, e, cfg)
+        try:
+            resume.write_failed(run_dir, e, cfg)
+            details = f"details: {run_dir / resume.FAILED}"
+        except rec_io.WriteError as w:  # say what failed, not only that failed.json could not be written
+            details = f"no failed.json: {w}"
         if in_submitit:
             resume.exit_nonzero_at_exit()
-        print(f"error: job failed: {type(e).__name__}: {e} (details: {run_dir / resume.FAILED})", file=sys.stderr, flush=True)
+        print(f"error: job failed: {type(e).__name__}: {e} ({details})", file=sys.stderr, flush=True)
         raise
     return _main_metric(record)
 

@@ -286,7 +286,7 @@ def test_preempted_job_is_requeued_and_resumes(sweep3, tmp_path):
                   env_extra={"DVLM_SAMPLE_SLEEP_S": "60"}, background=True)
     try:
         deadline = time.time() + 240
-        while not list(sweep.glob("*/resume_cache/*/*.pkl")):  # first sample journaled, job now sleeping
+        while not list(sweep.glob("*/resume_cache/*/*.json")):  # first sample journaled, job now sleeping
             assert proc.poll() is None, proc.communicate()
             assert time.time() < deadline, "no sample journaled in time"
             time.sleep(0.5)
