@@ -15,6 +15,20 @@ from dvlm_exp.engine import Engine
 from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig, num_transfer_tokens
 
 
+def official_stop_scan(gen, stop_seqs, P, stop_position, found):
+    """The official loop's stop search after a step: each sequence's first match, the scan ending
+    after the first sequence once a stop is known. Returns (stop_position, found)."""
+    for s in stop_seqs:
+        for st in range(len(gen) - len(s) + 1):
+            if gen[st:st + len(s)] == s:
+                if not found or P + st < stop_position:
+                    stop_position, found = P + st, True
+                break
+        if found:
+            break
+    return stop_position, found
+
+
 def reference_generate(model, prompt_embeds, gen_length, block_length, steps, remasking, stop_seqs):
     mask_id = model.mask_id
     P = prompt_embeds.shape[0]
@@ -60,15 +74,7 @@ def reference_generate(model, prompt_embeds, gen_length, block_length, steps, re
             x_emb[sel] = model.embed_tokens(x0[sel])
             x[sel] = x0[sel]
             trace.append(sorted((sel - P).tolist()))
-            gen = x[P:P + gen_length].tolist()
-            for s in stop_seqs:
-                for st in range(len(gen) - len(s) + 1):
-                    if gen[st:st + len(s)] == s:
-                        if not found or P + st < stop_position:
-                            stop_position, found = P + st, True
-                        break
-                if found:
-                    break
+            stop_position, found = official_stop_scan(x[P:P + gen_length].tolist(), stop_seqs, P, stop_position, found)
     end = stop_position if found else P + gen_length
     return x[P:end].tolist(), trace
 
@@ -243,15 +249,7 @@ def official_scripted(table, P, gen_length, block_length, steps, mask_id, temper
             x[0, transfer] = x0[0, transfer]
             trace.append(sorted((transfer - P).tolist()))
             t += 1
-            gen = x[0, P:].tolist()
-            for s in stop_seqs:
-                for st in range(len(gen) - len(s) + 1):
-                    if gen[st:st + len(s)] == s:
-                        if not found or P + st < stop_position:
-                            stop_position, found = P + st, True
-                        break
-                if found:
-                    break
+            stop_position, found = official_stop_scan(x[0, P:].tolist(), stop_seqs, P, stop_position, found)
     end = stop_position if found else L
     return x[0, P:].tolist(), x[0, P:end].tolist(), trace, overwrites
 
