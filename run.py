@@ -2,8 +2,13 @@
 
 Thin Hydra entry point: the job lives in dvlm_exp.runner (imported lazily so that --help and
 config errors answer without loading torch or lmms-eval). Runs in the project's .venv when no
-environment is active (dvlm_exp/_venv.py).
+environment is active (dvlm_exp/_venv.py). Before Hydra runs, the command line is checked
+(dvlm_exp.validate.check_overrides: syntax, config-group options, key names): bad input ends
+with one `error:` line and exit code 2.
 """
+
+import sys
+from pathlib import Path
 
 from dvlm_exp._venv import use_project_venv
 
@@ -11,6 +16,8 @@ use_project_venv()
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -20,5 +27,16 @@ def main(cfg: DictConfig):
     return run_main(cfg)
 
 
+def check_command_line(argv: list[str]) -> None:
+    from dvlm_exp.validate import ConfigError, check_overrides
+
+    try:
+        check_overrides(argv, CONF_DIR)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

@@ -1,4 +1,13 @@
-"""W&B mirror of results.json. Offline (files under the run dir) when no API key is set.
+"""W&B mirror of results.json, in the mode wandb's own settings give (`choose_mode`).
+
+Mode: `logger.mode` when set; else WANDB_MODE; else a mode from wandb's settings files (`wandb offline`);
+else online when wandb has credentials (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or `wandb login`'s
+netrc entry for the server), offline files under the run dir when it has none. An online run first
+asks the server who the key belongs to (`online_problem`, a few seconds at most): an unreachable server
+or a rejected key gives one `warning:` line and offline files instead (a failed online wandb.init
+leaves wandb's service retrying, so that no later init in the process works and the process hangs at
+exit); any wandb.init failure gives one `warning:` line and a run without W&B. results.json is written
+either way.
 
 `wandb.finish()` always runs (finally block in the runner), so jobs of a multirun in one
 process never leak into each other.
@@ -157,20 +166,121 @@ def summary_metrics(record: dict) -> dict:
     return summary
 
 
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+ONLINE_CHECK_TIMEOUT_S = 10.0
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older spellings
+
+
+def wandb_settings() -> dict:
+    """mode, base_url, api_key from wandb's own settings (env, settings files); {} if unavailable."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        s = wandb_setup.singleton().settings  # no service started, nothing sent
+        return {"mode": s.mode, "base_url": s.base_url, "api_key": s.api_key}
+    except Exception:  # noqa: BLE001 - another wandb layout: environment variables only
+        return {}
+
+
+def credentials(base_url: str, env=os.environ) -> str | None:
+    """The API key wandb would use for base_url (env, then netrc); "" for an identity-token login
+    (no key to show the server), None without credentials."""
+    if env.get("WANDB_API_KEY"):
+        return env["WANDB_API_KEY"]
+    if env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return ""
+    try:
+        from wandb.sdk.lib import wbauth
+
+        return wbauth.read_netrc_auth(host=base_url) or None
+    except ImportError:
+        import netrc
+        from urllib.parse import urlparse
+
+        try:
+            auth = netrc.netrc(env.get("NETRC") or None).authenticators(urlparse(base_url).hostname or "")
+        except (OSError, netrc.NetrcParseError):
+            return None
+        return auth[2] if auth else None
+    except Exception:  # noqa: BLE001 - a malformed key: wandb.init says so
+        return None
+
+
+def choose_mode(logger_mode, env=os.environ, settings_mode: str | None = None, has_credentials: bool = False) -> str:
+    """The W&B mode of a run: logger.mode when set; else WANDB_MODE; else a non-default mode of
+    wandb's settings (`wandb offline` writes one); else online with credentials, offline without."""
+    for explicit in (logger_mode, env.get("WANDB_MODE")):
+        if explicit:
+            return _MODE_ALIASES.get(str(explicit), str(explicit))
+    if settings_mode and settings_mode not in ("online", "run"):
+        return _MODE_ALIASES.get(settings_mode, settings_mode)
+    return "online" if has_credentials else "offline"
+
+
+def online_problem(base_url: str, api_key: str | None, timeout: float = ONLINE_CHECK_TIMEOUT_S) -> str | None:
+    """Why an online W&B run cannot start (None: it can): the server's answer to a `viewer` query."""
+    if api_key is None:
+        return "wandb has no credentials (set WANDB_API_KEY or run `wandb login`)"
+    import requests
+
+    try:
+        r = requests.post(f"{base_url.rstrip('/')}/graphql", json={"query": "query { viewer { id } }"},
+                          auth=("api", api_key) if api_key else None, timeout=timeout)
+    except requests.RequestException as e:
+        return f"{base_url} is unreachable ({type(e).__name__})"
+    if api_key and r.status_code in (401, 403):
+        return f"{base_url} rejected the API key (HTTP {r.status_code})"
+    if r.status_code >= 500 or (r.status_code >= 400 and r.status_code not in (401, 403)):
+        return f"{base_url} answered HTTP {r.status_code}"
+    if api_key:
+        try:
+            viewer = (r.json().get("data") or {}).get("viewer")
+        except ValueError:
+            return f"{base_url} does not answer as a W&B server"
+        if viewer is None:
+            return f"{base_url} rejected the API key"
+    return None
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 class WandbSink:
     def __init__(self, cfg, resolved: dict, run_dir: Path):
         import wandb
 
         lc = cfg.logger
-        mode = lc.get("mode") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        ws = wandb_settings()
+        base_url = ws.get("base_url") or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+        key = credentials(base_url)
+        if key is None and ws.get("api_key"):
+            key = ws["api_key"]
+        mode = choose_mode(lc.get("mode"), os.environ, ws.get("mode"), key is not None)
         hctx = hydra_context()
         self.group = resolve_group(cfg, hctx)
         self.tags = run_tags(cfg, hctx)
-        self.run = wandb.init(
-            project=lc.get("project", "dvlm_exp"), entity=lc.get("entity"), group=self.group,
-            name=resolve_name(cfg, hctx), job_type=lc.get("job_type"), config=resolved, dir=str(run_dir),
-            mode=mode, tags=self.tags, reinit="create_new",
-        )
+        kwargs = dict(project=lc.get("project", "dvlm_exp"), entity=lc.get("entity"), group=self.group,
+                      name=resolve_name(cfg, hctx), job_type=lc.get("job_type"), config=resolved, dir=str(run_dir),
+                      tags=self.tags, reinit="create_new")
+        sync = f"`wandb sync {run_dir / 'wandb'}/offline-run-*` uploads it later"
+        if mode == "online":
+            problem = online_problem(base_url, key)
+            if problem:
+                _warn(f"W&B online logging is off for this run: {problem}; logging offline to {run_dir / 'wandb'} "
+                      f"instead ({sync}; WANDB_MODE=offline or logger.mode=offline skips this check)")
+                mode = "offline"
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - W&B is a mirror: the run goes on, results.json is written
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            _warn(f"W&B {mode} init failed ({type(e).__name__}: {first}); this run continues without W&B "
+                  f"(results.json is written as usual; check WANDB_API_KEY / `wandb login` and WANDB_BASE_URL, "
+                  f"or use WANDB_MODE=offline)")
+            mode = "disabled"
+            self.run = wandb.init(mode="disabled", **kwargs)
         self.mode = mode
 
     def log_record(self, record: dict, predictions: list[dict]) -> None:
