@@ -76,8 +76,9 @@ def check_task_data(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
 
 
-def check(cfg: DictConfig, data: bool = True) -> None:
-    """All checks before weights load; `data=False` skips `check_task_data` (the dataset's reachability)."""
+def check(cfg: DictConfig, data: bool = True, weights: bool = True) -> None:
+    """All checks before weights load; `data=False` skips `check_task_data` (the dataset's reachability),
+    `weights=False` the weight files (planning tools read only config.json)."""
     try:
         PRUNERS.check(cfg.prune.name)
         MODEL_FAMILIES.check(cfg.model.family)
@@ -122,7 +123,8 @@ def check(cfg: DictConfig, data: bool = True) -> None:
         check_prefix_cache(cfg)
     if cfg.model.get("tiny") is None:
         model_depth(cfg)  # checks model.path and config.json before anything loads
-        check_weight_files(cfg)  # every safetensors shard present and as long as its header says
+        if weights:
+            check_weight_files(cfg)  # every safetensors shard present and as long as its header says
     _check_prune(cfg)
 
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit <= 0):

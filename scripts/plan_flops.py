@@ -71,15 +71,11 @@ class PlanError(Exception):
 
 
 def check_config(cfg) -> None:
-    """run.py's checks before weights load, minus the task data's reachability (not needed to plan)."""
-    import inspect
-
+    """run.py's checks before weights load, minus the task data's reachability and the weight files
+    (planning reads only config.json)."""
     from dvlm_exp.validate import check
 
-    if "data" in inspect.signature(check).parameters:
-        check(cfg, data=False)
-    else:
-        check(cfg)
+    check(cfg, data=False, weights=False)
 
 
 def model_dims(cfg) -> tuple[dict, object, str]:

@@ -148,13 +148,14 @@ def _groups() -> set[str]:
 
 
 def check_config(cfg) -> str | None:
-    """None when cfg passes dvlm_exp.validate.check(cfg, data=False), else the error (composition errors too)."""
+    """None when cfg passes dvlm_exp.validate.check(cfg, data=False, weights=False) (a dry run needs only
+    config.json), else the error (composition errors too)."""
     from dvlm_exp.validate import ConfigError, check
 
     if isinstance(cfg, Exception):
         return f"{type(cfg).__name__}: {cfg}"
     try:
-        check(cfg, data=False)
+        check(cfg, data=False, weights=False)
     except ConfigError as e:
         return str(e)
     return None
