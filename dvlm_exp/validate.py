@@ -248,15 +248,13 @@ def check_overrides(argv: list[str], conf_dir: str | Path, config_name: str = "c
         from hydra.errors import OverrideParseException
     except ImportError:  # another Hydra layout: Hydra reports bad input itself
         return
-    parser = get_args_parser()
+    import contextlib
+    import io
 
-    def _argparse_error(message):  # argparse's own errors: left to Hydra (same parser, same message)
-        raise _Skip(message)
-
-    parser.error = _argparse_error
-    try:
-        args = parser.parse_args(argv)
-    except (_Skip, SystemExit):
+    try:  # argparse's own errors are left to Hydra (same parser, same message): not printed twice
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except SystemExit:
         return
     if any(getattr(args, flag, None) for flag in _SKIP_FLAGS):
         return

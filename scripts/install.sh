@@ -30,9 +30,10 @@ if [ "$TORCH_VERSION" != "$TORCH_LOCKED" ]; then
   echo "make install: note: torch $TORCH_VERSION is installed; the lock was resolved and tested with torch $TORCH_LOCKED"
 fi
 
-sed -n 's/^#nodeps //p' requirements.in > .nodeps.txt
-trap 'rm -f .nodeps.txt' EXIT
-$PY -m pip install --no-deps -r .nodeps.txt -c "$LOCK"
+nodeps=$(mktemp)
+trap 'rm -f "$nodeps"' EXIT
+sed -n 's/^#nodeps //p' requirements.in > "$nodeps"
+$PY -m pip install --no-deps -r "$nodeps" -c "$LOCK"
 $PY -m pip install -r requirements.in -c "$LOCK" "torch==${TORCH_VERSION}"
 $PY -m pip install --no-deps -e .
 $PY -c "import torch, transformers, lmms_eval.evaluator, hydra, wandb, datasets, pandas; print('dvlm_exp install ok: torch', torch.__version__, 'transformers', transformers.__version__)"
