@@ -1,9 +1,9 @@
 """python run.py [model=...] [prune=...] [prune.layer=K] [ratio=r] [schedule=...] [task=...] [-m ...]
 
-Thin Hydra entry point: the job lives in dvlm_exp.runner (imported lazily so that --help and
+Thin Hydra entry point: the job lives in dvlm_exp.run.runner (imported lazily so that --help and
 config errors answer without loading torch or lmms-eval). Runs in the project's .venv when no
 environment is active (dvlm_exp/_venv.py). Before Hydra runs, the command line is checked
-(dvlm_exp.validate.check_overrides: syntax, config-group options, key names): bad input ends
+(dvlm_exp.run.validate.check_overrides: syntax, config-group options, key names): bad input ends
 with one `error:` line and exit code 2.
 """
 
@@ -22,13 +22,14 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    from dvlm_exp.runner import main as run_main
+    from dvlm_exp.run.runner import main as run_main
 
     return run_main(cfg)
 
 
 def check_command_line(argv: list[str]) -> None:
-    from dvlm_exp.validate import ConfigError, check_overrides
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check_overrides
 
     try:
         check_overrides(argv, CONF_DIR)

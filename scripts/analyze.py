@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Analysis figures: attention across layers and denoising steps, confidence dynamics,
-visual-token contributions, and which visual tokens a method kept (dvlm_exp/analysis.py).
+visual-token contributions, and which visual tokens a method kept (dvlm_exp/analysis/).
 
     python scripts/analyze.py limit=2                                   # tiny model, synthetic DocVQA
     python scripts/analyze.py limit=1 prune=fastv prune.layer=2         # + what FastV kept

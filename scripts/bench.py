@@ -26,7 +26,7 @@ Reps are interleaved across configs so background load hits them alike.
 
 Per config: median latency over `--reps` (after `--warmup`), measured speedup
 t_unpruned / t_pruned, FLOPs-predicted speedup = baseline / pruned FLOPs under the `exact`
-convention of dvlm_exp.flops (from the Recorder of the same run; scoring FLOPs count on the
+convention of dvlm_exp.reporting.flops (from the Recorder of the same run; scoring FLOPs count on the
 pruned side), their ratio (realized / predicted, target >= 0.95), scoring time
 (Recorder.scoring_s) and its share of the acting (scoring) forward's wall time (target
 <= 2 %), our speedup over the peer at the same keep ratio (t_peer / t_ours), NFE, LM-head
@@ -35,7 +35,7 @@ memory per config from extra untimed runs (see `measure_peak_memory`: CUDA max a
 CPU the kernel's RSS high-water mark reset per config, and the peak of torch's live CPU tensor
 bytes from the profiler's memory events; `--no-memory` skips them), and tokens/s (answer slots
 per second) with the throughput gain over unpruned, beside RedVTP's published LLaDA-V figure
-(dvlm_exp/published.yaml). On CPU a rep during which
+(dvlm_exp/reporting/published.yaml). On CPU a rep during which
 another process took a core (CPU use per thread < `--min-util`) is redone, up to `--retries`
 times; `cpu_util` per rep is reported. `--profile` adds a per-part breakdown of one extra run
 per config. The last stdout line is one JSON object; its "targets" section gathers the issue's
@@ -275,7 +275,7 @@ def configs(args) -> list[Config]:
     """unpruned; per keep ratio: FastV per query set, RedVTP, then the peers of each (unless --no-peers)."""
     from dvlm_exp.pruning.fastv import FastV
     from dvlm_exp.pruning.redvtp import RedVTP
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     K = layer_k(args)
     methods = [m for m in args.methods.split(",") if m]
@@ -533,7 +533,7 @@ def published_redvtp() -> dict | None:
     to print beside ours; None when the file is not found."""
     import yaml
 
-    from dvlm_exp.report import published_default
+    from dvlm_exp.reporting.report import published_default
 
     path = published_default()
     if path is None or not path.is_file():
@@ -555,8 +555,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from dvlm_exp import flops
-    from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig
+    from dvlm_exp.reporting import flops
+    from dvlm_exp.decoding.sampler import MaskedDiffusionSampler, SamplerConfig
 
     torch.set_num_threads(args.threads)
     t_build = time.perf_counter()

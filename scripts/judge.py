@@ -34,8 +34,8 @@ use_project_venv()
 def judge_config(overrides: list[str]):
     from omegaconf import OmegaConf
 
-    from dvlm_exp.judge import from_cfg
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.evaluation.judge import from_cfg
+    from dvlm_exp.errors import ConfigError
 
     base = OmegaConf.load(_REPO / "conf" / "judge" / "openai.yaml")
     dots = []
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no per-sample progress on stderr")
     args = p.parse_args(argv)
 
-    from dvlm_exp.judge import score_run
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.evaluation.judge import score_run
+    from dvlm_exp.errors import ConfigError
 
     try:
         jc = judge_config(args.overrides)

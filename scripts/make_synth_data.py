@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="rebuild even if a matching dataset exists")
     args = p.parse_args(argv)
 
-    from dvlm_exp.data import synth_docvqa as sd
+    from dvlm_exp.evaluation.data import synth_docvqa as sd
 
     t0 = time.perf_counter()
     reused = (not args.overwrite) and sd.is_complete(args.out, args.n, args.seed)

@@ -16,7 +16,7 @@ and the `fastv_paper` ratio (decoder only, methods.md §5.2). The last stdout li
 
 Visual tokens come from `--image WxH` (default 1700x2200, a DocVQA-like page) or
 `--n-visual`; text tokens from `--n-text`, or `--question` counted with the checkpoint's
-tokenizer, else the estimate dvlm_exp.plan.DEFAULT_TEXT_TOKENS (80, methods.md §5.6).
+tokenizer, else the estimate dvlm_exp.reporting.plan.DEFAULT_TEXT_TOKENS (80, methods.md §5.6).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class PlanError(Exception):
 def check_config(cfg) -> None:
     """run.py's checks before weights load, minus the task data's reachability and the weight files
     (planning reads only config.json)."""
-    from dvlm_exp.validate import check
+    from dvlm_exp.run.validate import check
 
     check(cfg, data=False, weights=False)
 
@@ -82,8 +82,8 @@ def model_dims(cfg) -> tuple[dict, object, str]:
     """(dims, config source for image_tokens, a label)."""
     from omegaconf import OmegaConf
 
-    from dvlm_exp import plan
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.reporting import plan
+    from dvlm_exp.errors import ConfigError
 
     m = cfg.model
     resize = bool(m.get("resize_vocab", True))
@@ -95,7 +95,7 @@ def model_dims(cfg) -> tuple[dict, object, str]:
         return plan.dims_from_config(source[0], tower=source[1], resize_vocab=resize), source, f"tiny spec ({m.name})"
     if OmegaConf.is_missing(m, "path") or m.get("path") in (None, ""):
         raise ConfigError(f"model={m.name} needs model.path=/path/to/checkpoint (a folder with its config.json)")
-    from dvlm_exp.paths import resolve_path
+    from dvlm_exp.run.paths import resolve_path
 
     path = resolve_path(m.path)
     return plan.dims_from_config(path, resize_vocab=resize), (path, None), str(path / "config.json")
@@ -107,7 +107,7 @@ def count_text(cfg, question: str) -> int:
     from dvlm_exp.models.checkpoint import TOKENIZER_FILES
     from dvlm_exp.models.llada_v import IMAGE_TOKEN_INDEX
 
-    from dvlm_exp.paths import resolve_path
+    from dvlm_exp.run.paths import resolve_path
 
     path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.get("path")
     path = resolve_path(path) if path else None
@@ -127,10 +127,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from omegaconf import OmegaConf
 
-    from dvlm_exp import plan
+    from dvlm_exp.reporting import plan
     from dvlm_exp.models.checkpoint import CheckpointError
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.errors import ConfigError
 
     sweep = args.ratios is not None or args.layers is not None
     try:

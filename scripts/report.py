@@ -6,9 +6,9 @@
     python scripts/report.py outputs/multirun/2026-01-01/12-00-00 --map model:tiny=LLaDA-V --map task:synth_docvqa=DocVQA
 
 Collects every complete run (results.json + .dvlm_complete) under the given directories (failed and
-incomplete job dirs are skipped and counted), matches them to dvlm_exp/published.yaml
+incomplete job dirs are skipped and counted), matches them to dvlm_exp/reporting/published.yaml
 (--published, $DVLM_PUBLISHED; --published none: ours only) by (model, method, keep ratio, prune start,
-layer, benchmark) with the name mapping of dvlm_exp/report.py (docs/report.md; `--map kind:ours=theirs`,
+layer, benchmark) with the name mapping of dvlm_exp/reporting/report.py (docs/report.md; `--map kind:ours=theirs`,
 kind = model | method | task, adds to it), and writes under --out (default: <first dir>/report):
 report.md, report.html, runs.csv, tables/<table>.csv (+ _efficiency.csv), plots/*.png, summary.json.
 The last stdout line is the JSON summary. --wandb-report also publishes a W&B Report (needs
@@ -43,12 +43,12 @@ def parse_maps(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dvlm_exp import report
+    from dvlm_exp.reporting import report
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", help="sweep dirs (or any dirs) holding run dirs with results.json")
     ap.add_argument("--out", help="output dir (default: <first dir>/report)")
-    ap.add_argument("--published", help="published.yaml (default: $DVLM_PUBLISHED or dvlm_exp/published.yaml); 'none': ours only")
+    ap.add_argument("--published", help="published.yaml (default: $DVLM_PUBLISHED or dvlm_exp/reporting/published.yaml); 'none': ours only")
     ap.add_argument("--map", action="append", default=[], metavar="KIND:OURS=THEIRS",
                     help="extra name mapping, e.g. model:tiny=LLaDA-V, task:synth_docvqa=DocVQA, method:random=Random")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -10,7 +10,7 @@ Positional arguments after the sweep name are the extra command-line overrides o
 Hydra. The jobs come from Hydra's own BasicSweeper expansion (`hydra.sweeper.params` of the composed sweep,
 then the command-line overrides, cartesian product), in launch order: job i runs in
 `<hydra.sweep.dir>/<i>_<overrides>`. `--check` also composes every job's config and runs
-`dvlm_exp.validate.check(cfg, data=False)` on it (model=llada_v needs model.path=<dir with config.json>);
+`dvlm_exp.run.validate.check(cfg, data=False)` on it (model=llada_v needs model.path=<dir with config.json>);
 a failing job prints its `error:` and the exit code is 1. The last stdout line is JSON.
 """
 
@@ -63,7 +63,7 @@ def compose(overrides: list[str], hydra: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dvlm_exp.runner import CONF_DIR
+    from dvlm_exp.run.build import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[*overrides, SEARCHPATH], return_hydra_config=hydra)
@@ -142,15 +142,16 @@ def job_configs(jobs: list[list[str]], extra: list[str] | None = None):
 
 
 def _groups() -> set[str]:
-    from dvlm_exp.runner import CONF_DIR
+    from dvlm_exp.run.build import CONF_DIR
 
     return {p.name for root in (CONF_DIR, SWEEPS) for p in root.iterdir() if p.is_dir() and p.name != "hydra"}
 
 
 def check_config(cfg) -> str | None:
-    """None when cfg passes dvlm_exp.validate.check(cfg, data=False, weights=False) (a dry run needs only
+    """None when cfg passes dvlm_exp.run.validate.check(cfg, data=False, weights=False) (a dry run needs only
     config.json), else the error (composition errors too)."""
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     if isinstance(cfg, Exception):
         return f"{type(cfg).__name__}: {cfg}"

@@ -16,7 +16,7 @@ slots. LLaDA's ELBO weights each masked slot by 1/t: with batches of 16 and 4 sl
 weights (up to 1/eps) made the gradient heavy-tailed and clipping froze learning, so the
 weighting is flat (same minimiser: the true posterior at every mask pattern).
 
-Data: dvlm_exp/data/synth_shapes.py, the "train" seed stream (the held-out task uses the "test"
+Data: dvlm_exp/evaluation/data/synth_shapes.py, the "train" seed stream (the held-out task uses the "test"
 stream): 112-px canvases with four small objects (circle, square, triangle, cross), one in colour
 and three grey; "What color is the colored shape?", so one visual token per view matters and the
 rest are redundant. Curriculum (`CURRICULUM`): during the
@@ -35,7 +35,7 @@ Deterministic under `--seed` for a given `--threads` (default 2). Prints a JSON 
 (loss, held-out accuracy of the first answer slot), saves the checkpoint in the official
 layout (safetensors + config + tokenizer, written atomically), the training curve as
 <out>/train_curve.json and train_curve.png, and a last JSON line with the final held-out
-accuracy through the real generator (dvlm_exp.generator.Generator, the task's preset).
+accuracy through the real generator (dvlm_exp.decoding.generator.Generator, the task's preset).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ use_project_venv()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from dvlm_exp.data import synth_shapes  # noqa: E402
+from dvlm_exp.evaluation.data import synth_shapes  # noqa: E402
 from dvlm_exp.models import llava_image  # noqa: E402
 from dvlm_exp.models.llada_v import IMAGE_TOKEN_INDEX  # noqa: E402
 from dvlm_exp.models.sandbox import GEN_PRESET, SANDBOX_PATH, SANDBOX_SPEC  # noqa: E402
@@ -237,10 +237,10 @@ def slot_accuracy(model, samples, gen_length: int) -> float:
 def generator_accuracy(path: Path, n: int, seed: int) -> float:
     """Held-out accuracy through the runner's path: load the saved checkpoint, Generator with the
     sandbox preset, exact match after postprocessing (the lmms-eval task's metric)."""
-    from dvlm_exp.generator import Generator, GenPreset
+    from dvlm_exp.decoding.generator import Generator, GenPreset
     from dvlm_exp.models.llada_v import LLaDAV
     from dvlm_exp.pruning.none import NoPruning
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     model = LLaDAV.from_pretrained(path)
     g = Generator(model, NoPruning(), FirstStep(), GenPreset(**GEN_PRESET), seed=seed)

@@ -28,14 +28,14 @@ def dvlm_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from dvlm_exp.runner import compose_config
+    from dvlm_exp.run.build import compose_config
 
     return compose_config(["model=tiny", "task=synth_docvqa", "limit=2"])
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
-    from dvlm_exp.runner import load_model
+    from dvlm_exp.run.build import load_model
 
     return load_model(tiny_cfg)
 
@@ -43,7 +43,7 @@ def tiny_model(tiny_cfg):
 @pytest.fixture(scope="session")
 def doc_images():
     """Two synthetic document pages of different sizes (from the project's generator)."""
-    from dvlm_exp.data.synth_docvqa import make_spec, render
+    from dvlm_exp.evaluation.data.synth_docvqa import make_spec, render
 
     return [render(make_spec(0, i))[0] for i in range(2)]
 

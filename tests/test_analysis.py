@@ -43,8 +43,8 @@ class Spy:
 
 
 def _run(model, image, pruner):
-    from dvlm_exp.generator import GenPreset, Generator
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.decoding.generator import GenPreset, Generator
+    from dvlm_exp.schedules.first_step import FirstStep
 
     session = an.AnalysisSession(model)
     spy = Spy()

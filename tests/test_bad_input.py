@@ -109,7 +109,7 @@ def test_values(tmp_path, args, needles, env):
 
 def test_dtype_names_are_the_loaders():
     from dvlm_exp.models.llada_v import _DTYPES
-    from dvlm_exp.validate import DTYPES
+    from dvlm_exp.run.validate import DTYPES
 
     assert set(DTYPES) == set(_DTYPES)
 
@@ -258,14 +258,14 @@ def test_wandb_online_failure_does_not_kill_the_run(tmp_path, scenario, request)
     ("offline", {}, None, True, "offline"),
 ])
 def test_wandb_mode_choice(logger_mode, env, settings_mode, creds, want):
-    from dvlm_exp.wandb_log import choose_mode
+    from dvlm_exp.run.wandb_log import choose_mode
 
     assert choose_mode(logger_mode, env, settings_mode, creds) == want
 
 
 def test_wandb_credentials_follow_wandb(tmp_path):
     """The key comes from WANDB_API_KEY, else from the netrc entry of the server (`wandb login`)."""
-    from dvlm_exp.wandb_log import credentials
+    from dvlm_exp.run.wandb_log import credentials
 
     netrc = tmp_path / "netrc"
     netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'b' * 40}\n")
@@ -290,7 +290,7 @@ def test_wandb_init_failure_continues_without_wandb(tmp_path, monkeypatch, capsy
     `warning:` line, the run goes on with W&B disabled and writes results.json."""
     import wandb
 
-    from dvlm_exp import runner, wandb_log
+    from dvlm_exp.run import runner, wandb_log
 
     real_init = wandb.init
 
@@ -303,7 +303,9 @@ def test_wandb_init_failure_continues_without_wandb(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(wandb_log, "online_problem", lambda *a, **k: None)
     monkeypatch.setenv("WANDB_MODE", mode)
     monkeypatch.setenv("WANDB_BASE_URL", UNREACHABLE)
-    cfg = runner.compose_config([*SMALL, "logger=wandb"])
+    from dvlm_exp.run.build import compose_config
+
+    cfg = compose_config([*SMALL, "logger=wandb"])
     capsys.readouterr()
     rec = runner.run(cfg, tmp_path)
     err = capsys.readouterr().err

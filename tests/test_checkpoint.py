@@ -279,9 +279,9 @@ class _BoostBanned(torch.nn.Module):
 
 
 def _generator(model):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
     from dvlm_exp.pruning.none import NoPruning
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     preset = GenPreset(gen_length=4, block_length=4, steps=2, think=None, stop=[], honor_until=False)
     return Generator(model, NoPruning(), FirstStep(), preset, seed=0)
@@ -469,21 +469,21 @@ def test_index_corrupt(copy, no_weight_io, text):
 
 # ----------------------------------------------------------------------------- CLI config check
 def _check(*overrides):
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.validate import check
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.run.validate import check
 
     check(compose_config(list(overrides)))
 
 
 def test_cli_llada_v_needs_path(no_weight_io):
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model\.path"):
         _check("model=llada_v")
 
 
 def test_cli_llada_v_nonexistent_path(tmp_path, no_weight_io):
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.errors import ConfigError
 
     missing = tmp_path / "LLaDA-V"
     for prune in (["prune=none"], ["prune=fastv", "prune.layer=2"]):
@@ -493,7 +493,7 @@ def test_cli_llada_v_nonexistent_path(tmp_path, no_weight_io):
 
 
 def test_cli_prune_layer_range_from_config_json(ckpt, no_weight_io):
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.errors import ConfigError
 
     _check("model=llada_v", f"model.path='{ckpt}'")  # prune=none: a valid checkpoint passes
     _check("model=llada_v", f"model.path='{ckpt}'", "prune=fastv", "prune.layer=1")

@@ -24,7 +24,7 @@ def run_cli(*args, timeout=600, env_extra=None):
 
 
 def check_record(run_dir: Path, prune: str, metric: str = "anls,none") -> dict:
-    from dvlm_exp.record import is_complete
+    from dvlm_exp.run.record import is_complete
 
     assert is_complete(run_dir)
     rec = json.loads((run_dir / "results.json").read_text())
@@ -112,7 +112,7 @@ def test_unknown_names_list_choices(tmp_path, group, name):
 
 
 def test_hydra_flags_and_override_prefixes_still_work():
-    """run.py checks the command line before Hydra runs (dvlm_exp.validate.check_overrides); Hydra's
+    """run.py checks the command line before Hydra runs (dvlm_exp.run.validate.check_overrides); Hydra's
     own flags and the +key / ++key / ~key / hydra.* overrides still mean what they mean to Hydra."""
     p = run_cli("--cfg", "job", "prune=fastv", "+extra.note=hi", "++ratio=0.2", "~loyalty", "hydra.job.chdir=false",
                 timeout=60)
@@ -125,7 +125,7 @@ def test_hydra_flags_and_override_prefixes_still_work():
 
 def test_interrupted_run_leaves_no_results(tmp_path, monkeypatch, tiny_cfg):
     """A run that dies during evaluation writes neither results.json nor the completion marker."""
-    from dvlm_exp import runner
+    from dvlm_exp.run import runner
 
     def boom(cfg, generator):
         raise KeyboardInterrupt
@@ -252,8 +252,8 @@ def test_crash_while_writing_results_leaves_no_complete_record(tmp_path, monkeyp
     before results.json."""
     from omegaconf import OmegaConf
 
-    from dvlm_exp import record as rec_io
-    from dvlm_exp import resume
+    from dvlm_exp.run import record as rec_io
+    from dvlm_exp.run import resume
 
     record = {"config": OmegaConf.to_container(tiny_cfg, resolve=True), "metrics": {"anls,none": 0.5},
               "pad": "x" * 10_000}

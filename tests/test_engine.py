@@ -17,7 +17,8 @@ from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.pruning.base import keep_count
 from dvlm_exp.pruning.fastv import QUERY_SETS, FastV
 from dvlm_exp.pruning.none import NoPruning
-from dvlm_exp.schedule import AtStep, FirstStep
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_pruned_forward_matches_manual_gather(tiny_model, seq_factory, policy):
 
 
 def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     preset = GenPreset(gen_length=16, block_length=8, steps=8)
     base = Generator(tiny_model, NoPruning(), FirstStep(), preset)
@@ -153,7 +154,7 @@ def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
 
 
 def test_persistence_later_steps_see_pruned_sequence(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     K, ratio, steps = 2, 0.25, 4
     for schedule, act in ((FirstStep(), 0), (AtStep(step=2), 2)):
@@ -174,7 +175,7 @@ def test_persistence_later_steps_see_pruned_sequence(tiny_model, doc_images):
 
 
 def test_random_pruning_is_seeded_and_sized(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
     from dvlm_exp.pruning.random import RandomPruning
 
     outs = []
@@ -190,7 +191,7 @@ def test_random_pruning_is_seeded_and_sized(tiny_model, doc_images):
 def test_vision_tower_runs_once_per_sample(tiny_model, doc_images):
     """Issue 8: the visual tokens are computed once per sample (all views in one batch), not once
     per denoising step, pruned or not."""
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     calls = []
     handle = tiny_model.vision_tower.embeddings.register_forward_hook(lambda _m, inp, _out: calls.append(inp[0].shape[0]))
@@ -211,7 +212,7 @@ def test_jobs_sharing_a_model_config_reuse_the_loaded_model(tiny_cfg):
     method, ratio, schedule or task get the model already in memory; another model config loads anew."""
     from omegaconf import OmegaConf
 
-    from dvlm_exp.runner import load_model
+    from dvlm_exp.run.build import load_model
 
     a = load_model(tiny_cfg)
     other_job = OmegaConf.merge(tiny_cfg, {"ratio": 0.1, "prune": {"name": "random", "layer": 1}})
@@ -318,7 +319,7 @@ def test_fastv_later_steps_keep_original_answer_positions(tiny_model, seq_factor
     slots stay at prompt_len0 + j (not renumbered from the pruned length) and the kept prompt
     tokens at their original positions. Catches Sequence.all_positions numbering the answer from
     the current (pruned) prompt length: step 0 is unaffected, steps > 0 and the ids are not."""
-    from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig
+    from dvlm_exp.decoding.sampler import MaskedDiffusionSampler, SamplerConfig
 
     K, ratio, G, steps = 2, 0.25, 8, 4
     seq = seq_factory(gen_length=G)

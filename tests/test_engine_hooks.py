@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from dvlm_exp.engine import Decision, Engine, Roles
-from dvlm_exp.generator import GenPreset, Generator
+from dvlm_exp.decoding.generator import GenPreset, Generator
 from dvlm_exp.pruning.base import PruneMethod, keep_count
 from dvlm_exp.pruning.fastv import FastV
 from dvlm_exp.pruning.none import NoPruning
-from dvlm_exp.schedule import (AtStep, Confidence, EveryStep, FirstStep, LateStep, Progressive, StartFrac)
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.confidence import Confidence
+from dvlm_exp.schedules.every_step import EveryStep
+from dvlm_exp.schedules.first_step import FirstStep
+from dvlm_exp.schedules.late_step import LateStep
+from dvlm_exp.schedules.progressive import Progressive
+from dvlm_exp.schedules.start_frac import StartFrac
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
-from dvlm_exp import flops
-from dvlm_exp.generator import GenPreset, Generator
+from dvlm_exp.reporting import flops
+from dvlm_exp.decoding.generator import GenPreset, Generator
 from dvlm_exp.pruning.fastv import FastV
 from dvlm_exp.pruning.none import NoPruning
-from dvlm_exp.schedule import FirstStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 # torch counts SDPA on CUDA kernels but has no formula for the CPU flash kernel; give it the
 # same formula torch uses for the others (public registration API, test process only).

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import golden_dir
 from dvlm_exp.engine import Engine
-from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig
+from dvlm_exp.decoding.sampler import MaskedDiffusionSampler, SamplerConfig
 
 CASES = ["case_500x300", "case_384x384"]
 
@@ -191,7 +191,7 @@ def test_fastv_ratio_one_reproduces_official_output(golden_model, case):
     """Pruning machinery engaged (scores at K-1, gather at K) but keeping every token: the
     official greedy output must come out unchanged."""
     from dvlm_exp.pruning.fastv import FastV
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     ids, exp, _, img = load_case(case)
     run = exp["generate_vocab126464"]["g16_b8_s8_lowconf_t0"]

@@ -1,4 +1,4 @@
-"""LLM judge (dvlm_exp/judge.py) against a small OpenAI-compatible server started on 127.0.0.1 by the
+"""LLM judge (dvlm_exp/evaluation/judge.py) against a small OpenAI-compatible server started on 127.0.0.1 by the
 test (bounded: at most N requests, then it closes itself): a judged synth_video_caption run, the
 unreachable-judge error before weights load, scripts/judge.py re-scoring a predict-only run, the
 video_dc499 env wiring, and the API key never written anywhere."""
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from dvlm_exp import judge as judging
+from dvlm_exp.evaluation import judge as judging
 
 SECRET = "sk-dvlm-test-SECRET-7f3a91c2"
 TINY = ["model=tiny", "task=synth_video_caption", "limit=2", "task.synthetic.n=2", "task.video.max_frames=2",
@@ -120,7 +120,7 @@ def secret(monkeypatch):
 
 
 def compose(*overrides):
-    from dvlm_exp.runner import compose_config
+    from dvlm_exp.run.build import compose_config
 
     return compose_config(list(overrides))
 
@@ -196,7 +196,7 @@ def test_lmms_video_dc499_env_wiring(secret, monkeypatch, tmp_path):
 
 
 def test_judged_run(tmp_path, secret, capfd):
-    from dvlm_exp.runner import run
+    from dvlm_exp.run.runner import run
 
     with MockJudge(scores=(4, 1), max_requests=8) as srv:
         cfg = compose(*TINY, "judge=openai", f"judge.base_url={srv.url}", "judge.model=mock-judge")
@@ -225,14 +225,14 @@ def test_judged_run(tmp_path, secret, capfd):
 
 
 def test_unreachable_judge_fails_before_weights(tmp_path, secret, monkeypatch):
-    from dvlm_exp import runner
+    from dvlm_exp.run import build, runner
 
     url = f"http://127.0.0.1:{closed_port()}/v1"
 
     def no_weights(cfg):
         raise AssertionError("weights loaded before the judge check")
 
-    monkeypatch.setattr(runner, "load_model", no_weights)
+    monkeypatch.setattr(build, "load_model", no_weights)
     with pytest.raises(judging.JudgeUnreachable, match=f"judge at {url} is unreachable"):
         runner.run(compose(*TINY, "judge=openai", f"judge.base_url={url}", "judge.model=m"), tmp_path)
     # run.py: one error line naming the URL, exit 2, nothing written, no checkpoint materialised
@@ -251,8 +251,8 @@ def test_unreachable_judge_fails_before_weights(tmp_path, secret, monkeypatch):
 
 
 def test_scripts_judge_rescores_predict_only_run(tmp_path, secret):
-    from dvlm_exp.record import is_complete
-    from dvlm_exp.runner import run
+    from dvlm_exp.run.record import is_complete
+    from dvlm_exp.run.runner import run
 
     run_dir = tmp_path / "run"
     run(compose(*TINY), run_dir)
@@ -290,9 +290,9 @@ def test_video_dc499_preset_predict_only_and_judged(tmp_path, secret, monkeypatc
     """The built-in video_dc499 preset on a local mirror (one synthetic clip staged where lmms-eval looks
     for the videos): without a judge lmms-eval runs predict-only; with one, lmms-eval's own judge code
     reaches the endpoint through the env vars set from the judge config, which are restored afterwards."""
-    from dvlm_exp.data.synth_video import make_clip
-    from dvlm_exp.data.synth_video_caption import QUESTION
-    from dvlm_exp.runner import run
+    from dvlm_exp.evaluation.data.synth_video import make_clip
+    from dvlm_exp.evaluation.data.synth_video_caption import QUESTION
+    from dvlm_exp.run.runner import run
 
     hf = tmp_path / "hf"
     vids = hf / "videochatgpt" / "Test_Videos"

@@ -22,13 +22,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dvlm_exp.engine import Engine, Roles
-from dvlm_exp.generator import GenPreset, Generator
+from dvlm_exp.decoding.generator import GenPreset, Generator
 from dvlm_exp.models.checkpoint import CheckpointError
 from dvlm_exp.pruning.fastv import FastV
 from dvlm_exp.pruning.none import NoPruning
-from dvlm_exp.sampler_dream import DreamSampler, confidence, shift_schedule
-from dvlm_exp.sampler import SamplerConfig
-from dvlm_exp.schedule import FirstStep
+from dvlm_exp.decoding.sampler_dream import DreamSampler, confidence, shift_schedule
+from dvlm_exp.decoding.sampler import SamplerConfig
+from dvlm_exp.schedules.first_step import FirstStep
 
 SPECS = {"llada": dict(num_attention_heads=4, num_key_value_heads=4),
          "dream": dict(num_attention_heads=4, num_key_value_heads=2)}  # Dream: grouped KV heads
@@ -293,8 +293,8 @@ def test_missing_shard_and_wrong_naming_fail_clearly(ckpts, tmp_path):
 
 
 def test_validate_reads_the_depth_of_an_olmo_config(ckpts):
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.validate import model_depth
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.run.validate import model_depth
 
     for bb, name in (("llada", "lavida_llada"), ("dream", "lavida_dream")):
         cfg = compose_config([f"model={name}", f"model.path={ckpts[bb]}"])

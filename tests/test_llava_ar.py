@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dvlm_exp import flops
+from dvlm_exp.reporting import flops
 from dvlm_exp.engine.ar import AREngine, GreedyARSampler
 from dvlm_exp.engine.recorder import Recorder, SampleRecord
 from dvlm_exp.models.checkpoint import CheckpointError
 from dvlm_exp.models.llava_hf import LlavaHF, LlavaNextHF
 from dvlm_exp.models.tiny_llava import write_checkpoint
 from dvlm_exp.pruning.fastv import FastV
-from dvlm_exp.schedule import FirstStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 KINDS = {"llava": LlavaHF, "llava_next": LlavaNextHF}
 QUESTION = "what color is the square?"
@@ -339,7 +339,7 @@ def test_ar_flops_from_recorded_counts_equal_hand_count(ours):
 
 # ----------------------------------------------------------------------------- Generator / runner
 def test_generator_runs_the_ar_path(dvlm_cache):
-    from dvlm_exp.runner import build_generator, compose_config
+    from dvlm_exp.run.build import build_generator, compose_config
 
     cfg = compose_config(["model=tiny_llava", "prune=fastv", "prune.layer=2", "ratio=0.5", "limit=1"])
     gen = build_generator(cfg)
@@ -351,8 +351,9 @@ def test_generator_runs_the_ar_path(dvlm_cache):
 
 
 def test_validate_reads_the_nested_text_depth(ckpts):
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     base = ["model=llava_1_5", f"model.path={ckpts['llava']}", "prune=fastv"]
     check(compose_config(base + ["prune.layer=3"]), data=False)

@@ -1,5 +1,5 @@
 """lmms-eval's own CLI runs the project's model through the `lmms_eval.models` entry point
-(pyproject: dvlm_exp = dvlm_exp.lmms_plugin:manifests) on a project task from --include_path."""
+(pyproject: dvlm_exp = dvlm_exp.evaluation.lmms_plugin:manifests) on a project task from --include_path."""
 
 from __future__ import annotations
 

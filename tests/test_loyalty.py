@@ -1,4 +1,4 @@
-"""Loyalty (dvlm_exp/loyalty.py): agreement of a pruned run's answers with the unpruned model's on the
+"""Loyalty (dvlm_exp/evaluation/loyalty.py): agreement of a pruned run's answers with the unpruned model's on the
 same samples, against a cached prune=none baseline that is made on demand in-process and then reused."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dvlm_exp import loyalty
+from dvlm_exp.evaluation import loyalty
 
 # tiny settings: 2 synthetic clips of 2 frames (420 visual tokens), gen 8/8/4 (the same computation as
 # for synth_docvqa, at a quarter of its visual tokens)
@@ -17,7 +17,7 @@ TINY = ["model=tiny", "task=synth_video_caption", "limit=2", "task.synthetic.n=2
 
 
 def compose(*overrides):
-    from dvlm_exp.runner import compose_config
+    from dvlm_exp.run.build import compose_config
 
     return compose_config(list(overrides))
 
@@ -75,7 +75,7 @@ def test_baseline_key_fields():
 def test_loyalty_runs_and_cached_baseline(tmp_path, monkeypatch):
     import shutil
 
-    from dvlm_exp import runner
+    from dvlm_exp.run import runner
 
     made = []
     real = runner.baseline_predictions
@@ -119,7 +119,7 @@ def test_loyalty_runs_and_cached_baseline(tmp_path, monkeypatch):
 def test_prune_none_run_publishes_its_own_baseline(tmp_path, monkeypatch):
     import shutil
 
-    from dvlm_exp import runner
+    from dvlm_exp.run import runner
 
     monkeypatch.setattr(runner, "baseline_predictions", lambda cfg, gen: pytest.fail("no extra generation needed"))
     cfg = compose(*TINY, "limit=1", "loyalty=true", "seed=7")

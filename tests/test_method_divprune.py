@@ -15,7 +15,8 @@ import torch
 from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.pruning.divprune import DivPrune
 from dvlm_exp.pruning.none import NoPruning
-from dvlm_exp.schedule import AtStep, FirstStep
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_random_pivot_is_seeded_per_sample(tiny_model, seq_factory):
 
 
 def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     preset = GenPreset(gen_length=8, block_length=8, steps=4, think=None, stop=[])
     base = Generator(tiny_model, NoPruning(), FirstStep(), preset, position_ids="renumber")
@@ -195,7 +196,7 @@ def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
 @pytest.mark.parametrize("act", [0, 2])
 def test_later_steps_run_on_the_selected_tokens(tiny_model, doc_images, act):
     """From the acting step on, every layer of every step sees exactly the kept set."""
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     ratio, steps = 0.25, 4
     schedule = FirstStep() if act == 0 else AtStep(step=act)

@@ -18,8 +18,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.pruning.none import NoPruning
 from dvlm_exp.pruning.redvtp import RedVTP
-from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig
-from dvlm_exp.schedule import FirstStep
+from dvlm_exp.decoding.sampler import MaskedDiffusionSampler, SamplerConfig
+from dvlm_exp.schedules.first_step import FirstStep
 
 GEN, STEPS = 8, 4
 
@@ -188,7 +188,7 @@ def test_step0_full_then_pruned_renumbered_state(tiny_model, seq_factory):
 
 
 def test_generation_schedule_and_scoring_flops(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     ratio = 0.25
     gen = Generator(tiny_model, RedVTP(ratio=ratio), FirstStep(),
@@ -210,7 +210,7 @@ def test_generation_schedule_and_scoring_flops(tiny_model, doc_images):
 
 
 def test_ratio_one_reproduces_unpruned_output(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     preset = GenPreset(gen_length=16, block_length=8, steps=4, think=None, stop=[])  # two blocks
     base = Generator(tiny_model, NoPruning(), FirstStep(), preset)
@@ -235,7 +235,7 @@ def test_skips_when_no_masked_response_remains(tiny_model, seq_factory):
 
 
 def test_config_and_options():
-    from dvlm_exp.runner import build_pruner, compose_config
+    from dvlm_exp.run.build import build_pruner, compose_config
 
     cfg = compose_config(["prune=redvtp"])
     assert cfg.prune.position_ids == "renumber" and "layer" not in cfg.prune

@@ -19,11 +19,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.engine.recorder import Recorder
-from dvlm_exp.generator import GenPreset, Generator
+from dvlm_exp.decoding.generator import GenPreset, Generator
 from dvlm_exp.pruning.none import NoPruning
 from dvlm_exp.pruning.sparsevlm import SparseVLM, dpc_knn, scale_to_average
-from dvlm_exp.sampler import MaskedDiffusionSampler
-from dvlm_exp.schedule import AtStep, FirstStep
+from dvlm_exp.decoding.sampler import MaskedDiffusionSampler
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 LAYERS = [1, 2, 3]
 PRESET = GenPreset(gen_length=8, block_length=8, steps=4, think=None, stop=[])
@@ -376,8 +377,9 @@ def test_position_policy_v1_renumber_v2_keep(tiny_model, seq_factory):
 
 
 def test_config_builds_method():
-    from dvlm_exp.runner import build_pruner, compose_config
-    from dvlm_exp.validate import ConfigError, _check_prune
+    from dvlm_exp.run.build import build_pruner, compose_config
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import _check_prune
 
     cfg = compose_config(["prune=sparsevlm", "ratio=0.25", "prune.layers=[1,2,3]"])
     m = build_pruner(cfg)

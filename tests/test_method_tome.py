@@ -17,7 +17,8 @@ import torch
 from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.pruning.none import NoPruning
 from dvlm_exp.pruning.tome import ToMe
-from dvlm_exp.schedule import AtStep, FirstStep
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_later_layer_merges_hidden_states_and_persists_merged_embeddings(tiny_mo
 
 
 def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     preset = GenPreset(gen_length=8, block_length=8, steps=4, think=None, stop=[])
     base = Generator(tiny_model, NoPruning(), FirstStep(), preset, position_ids="renumber")
@@ -176,7 +177,7 @@ def test_ratio_one_is_identical_to_no_pruning(tiny_model, doc_images):
 def test_later_steps_see_the_merged_sequence(tiny_model, doc_images, act):
     """From the acting step on, every layer of every step runs on the merged tokens, whose
     input embeddings are the means of their members (from a naive merge of the acting step)."""
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     ratio, rounds, steps = 0.25, 3, 4
     schedule = FirstStep() if act == 0 else AtStep(step=act)

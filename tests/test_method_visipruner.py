@@ -23,7 +23,7 @@ from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.engine.engine import View
 from dvlm_exp.pruning.none import NoPruning
 from dvlm_exp.pruning.visipruner import QUERY_SETS, VisiPruner
-from dvlm_exp.schedule import FirstStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 VIS = Roles.VISUAL
 
@@ -326,7 +326,7 @@ def test_deep_exit_counter(consecutive):
 
 # ----------------------------------------------------------------------------- no-op + steps
 def test_never_triggering_thresholds_reproduce_unpruned(tiny_model, doc_images, seq_factory):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     seq = seq_factory()
     base_eng = Engine(tiny_model, NoPruning(), FirstStep())
@@ -351,7 +351,7 @@ def test_persistence_across_steps(tiny_model, seq_factory, doc_images, persist, 
     """Step 0 acts (fusion at layer 1; exit before layer 3, or none); `state`: later steps run on
     the final kept prompt in every layer (no image after an exit); `replay`: they re-apply the
     decisions at the same layers."""
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     q = "What is the date?"
     probe = naive_visipruner(tiny_model, seq_factory(think=None, question=q), mid=0, lt=1.01, tt=gap_threshold,

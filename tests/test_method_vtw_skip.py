@@ -17,7 +17,8 @@ from dvlm_exp.engine import Engine, Roles
 from dvlm_exp.pruning.none import NoPruning
 from dvlm_exp.pruning.skip import LayerSkip
 from dvlm_exp.pruning.vtw import VTW
-from dvlm_exp.schedule import AtStep, FirstStep
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 VIS = Roles.VISUAL
 T = 4  # tiny model depth
@@ -103,7 +104,7 @@ def test_vtw_logits_equal_manual_withdrawal(tiny_model, seq_factory, K, policy):
 def test_vtw_steps_and_persistence(tiny_model, doc_images, schedule, persist, act):
     """state: from the acting step's layer K on, no step sees the image in any layer;
     replay: every later step sees it in layers < K again (AR KV-cache-like)."""
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     K = 2
     gen = Generator(tiny_model, VTW(ratio=1.0, layer=K), schedule, GenPreset(**PRESET), position_ids="renumber")
@@ -179,7 +180,7 @@ def test_skip_logits_equal_manual_bypass(tiny_model, seq_factory, layers):
 def test_skip_acts_at_every_step(tiny_model, doc_images):
     """Skipping does not depend on the schedule's acting step: a schedule acting only at step 1
     still has the visual tokens bypass the listed layers at steps 0, 1 and 2."""
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     layers = [1, 3]
     gen = Generator(tiny_model, LayerSkip(layers=layers), AtStep(step=1), GenPreset(**PRESET))
@@ -203,7 +204,7 @@ def test_skip_default_is_deep_half(tiny_model, seq_factory):
 
 
 def test_skip_empty_list_reproduces_unpruned(tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
 
     a = Generator(tiny_model, NoPruning(), FirstStep(), GenPreset(**PRESET))
     b = Generator(tiny_model, LayerSkip(layers=[]), FirstStep(), GenPreset(**PRESET))
@@ -219,15 +220,15 @@ def test_conf_yaml_builds_the_method(name):
     from pathlib import Path
 
     from dvlm_exp.registry import PRUNERS
-    from dvlm_exp.pruning.specs import SPECS
 
     y = OmegaConf.to_container(OmegaConf.load(Path(__file__).parent.parent / "conf" / "prune" / f"{name}.yaml"))
     assert y.pop("name") == name
     assert y.pop("position_ids") in ("keep", "renumber")
-    for key, allowed in SPECS[name]["choices"].items():
+    cls = PRUNERS.get(name)
+    for key, allowed in cls.choices.items():
         if key in y:
             assert y[key] in allowed
     method = PRUNERS.get(name)(ratio=0.5, seed=0, **y)
     assert method.name == name
-    for key in SPECS[name]["layers"]:
+    for key in cls.layer_fields:
         assert key in y

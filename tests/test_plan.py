@@ -1,4 +1,4 @@
-"""dvlm_exp.plan: FLOPs of a configuration from config.json alone.
+"""dvlm_exp.reporting.plan: FLOPs of a configuration from config.json alone.
 
 (a) a plan equals, term by term, what the engine records in real tiny runs (both conventions,
     with and without pruning, several schedules, query sets and block layouts);
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO
 
-from dvlm_exp import flops, plan
+from dvlm_exp.reporting import flops, plan
 
 CONFIG_8B = REPO / "tests" / "data" / "llada_v_8b_config.json"
 QUESTION = "What is the total?"
@@ -42,7 +42,7 @@ def test_dims_from_tiny_config_match_loaded_model(tiny_cfg, tiny_dims):
     from omegaconf import OmegaConf
 
     from dvlm_exp.models.tiny import official_config, tower_config
-    from dvlm_exp.runner import model_path
+    from dvlm_exp.run.build import model_path
 
     assert plan.dims_from_config(model_path(tiny_cfg)) == tiny_dims  # folder: tower + tokenizer files
     spec = OmegaConf.to_container(tiny_cfg.model.tiny)
@@ -50,7 +50,7 @@ def test_dims_from_tiny_config_match_loaded_model(tiny_cfg, tiny_dims):
 
 
 def test_image_tokens_match_prepared_sequence(tiny_cfg, doc_images, prepared):
-    from dvlm_exp.runner import model_path
+    from dvlm_exp.run.build import model_path
 
     got = plan.image_tokens(model_path(tiny_cfg), doc_images[0].size)
     assert (got["n_visual"], got["views"]) == (prepared["n_visual"], prepared["views"])
@@ -90,7 +90,7 @@ def _register_cpu_sdpa_flops():
 
 
 def naive_price(rec, dims: dict) -> dict:
-    """Both FLOPs conventions of a SampleRecord written out by hand from dvlm_exp/flops.py's
+    """Both FLOPs conventions of a SampleRecord written out by hand from dvlm_exp/reporting/flops.py's
     docstring, one matmul at a time (independent of flops.sample_flops)."""
     d, m, h, hkv, dh, V, T = (dims[k] for k in ("d", "m", "heads", "kv_heads", "head_dim", "vocab", "layers"))
 
@@ -134,9 +134,11 @@ def test_plan_equals_engine_record(tiny_model, tiny_dims, doc_images, prepared, 
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
     from dvlm_exp.registry import PRUNERS
-    from dvlm_exp.schedule import AtStep, FirstStep, StartFrac
+    from dvlm_exp.schedules.at_step import AtStep
+    from dvlm_exp.schedules.first_step import FirstStep
+    from dvlm_exp.schedules.start_frac import StartFrac
 
     method, kw, at, gen = CASES[case]
     pruner = PRUNERS.get(method)(**kw)
@@ -315,7 +317,7 @@ def test_cli_tiny_without_writing_checkpoint(monkeypatch, capsys, plan_cli, tiny
 
 def test_cli_question_counts_text_with_tokenizer(tiny_cfg, tiny_model, plan_cli, capsys):
     """--question: text tokens of the real prompt (checkpoint tokenizer, the task's think suffix)."""
-    from dvlm_exp.runner import model_path
+    from dvlm_exp.run.build import model_path
 
     rc = plan_cli.main(["model=llada_v", f"model.path={model_path(tiny_cfg)}", "task=synth_docvqa", "prune=fastv", "prune.layer=2",
                         "--question", QUESTION, "--image", "512x384"])

@@ -25,13 +25,14 @@ from PIL import Image
 from dvlm_exp.engine import Engine
 from dvlm_exp.engine.attention import ScoreRequest
 from dvlm_exp.engine.prefix import PrefixEngine
-from dvlm_exp.generator import GenPreset, Generator
+from dvlm_exp.decoding.generator import GenPreset, Generator
 from dvlm_exp.pruning.fastv import FastV
 from dvlm_exp.pruning.none import NoPruning
 from dvlm_exp.pruning.skip import LayerSkip
 from dvlm_exp.pruning.visipruner import VisiPruner
 from dvlm_exp.pruning.vtw import VTW
-from dvlm_exp.schedule import AtStep, FirstStep
+from dvlm_exp.schedules.at_step import AtStep
+from dvlm_exp.schedules.first_step import FirstStep
 
 SPECS = {"llada": dict(num_attention_heads=4, num_key_value_heads=4),
          "dream": dict(num_attention_heads=4, num_key_value_heads=2)}  # Dream: grouped KV heads
@@ -111,7 +112,7 @@ METHODS = {
 
 
 def plain_layer_flops(nq: int, nk: int, d: int, h: int, hkv: int, dh: int, m: int) -> int:
-    """2 x MACs: q, k, v, o projections, q.k^T and A.v, SwiGLU (dvlm_exp/flops.py `exact`)."""
+    """2 x MACs: q, k, v, o projections, q.k^T and A.v, SwiGLU (dvlm_exp/reporting/flops.py `exact`)."""
     return 2 * (nq * d * h * dh + 2 * nq * d * hkv * dh + nq * h * dh * d + 2 * nq * nk * h * dh + 3 * nq * d * m)
 
 
@@ -188,7 +189,7 @@ def test_cached_layer_calls_and_flops_are_the_hand_count(backbone, models, seqs)
     """First forward: every layer (n, n) as it ran; later forwards: (G, cached prompt + G) per
     layer, the cache of layer >= K holding only the kept tokens. The baseline stays the unpruned
     uncached full forward, so the cache's saving shows in `reduction`."""
-    from dvlm_exp import flops
+    from dvlm_exp.reporting import flops
 
     m, seq = models[backbone], seqs[backbone]
     P, nv = seq.prompt_embeds.shape[0], seq.n_visual()
@@ -255,7 +256,7 @@ def test_a_method_acting_after_the_prefill_is_refused(models, seqs):
 
 # ----------------------------------------------------------------------------- config and runs
 def _cfg(ckpt, backbone, *extra):
-    from dvlm_exp.runner import compose_config
+    from dvlm_exp.run.build import compose_config
 
     return compose_config([f"model=lavida_{backbone}", f"model.path={ckpt}", "model.dtype=float32", "model.device=cpu",
                            "task=synth_docvqa", "limit=1", "task.synthetic.n=1", f"task.gen.gen_length={G}",
@@ -269,7 +270,8 @@ def _cfg(ckpt, backbone, *extra):
     (["prune=fastv", "prune.layer=1", "schedule.persist=none"], "persist=none is not supported"),
 ])
 def test_config_refuses_late_methods_with_the_cache(extra, msg, ckpts):
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     with pytest.raises(ConfigError, match=msg):
         check(_cfg(ckpts["llada"], "llada", "model.prefix_cache=true", *extra), data=False)
@@ -283,7 +285,7 @@ def test_two_by_two_runs_record_prefix_cache(ckpts, tmp_path):
     """Pruning on/off x cache on/off through runner.run: each results.json records
     model.prefix_cache; the cache and the pruning each lower the decoder FLOPs, the baseline is
     the same unpruned uncached run in all four."""
-    from dvlm_exp.runner import run
+    from dvlm_exp.run.runner import run
 
     recs = {}
     for cache in (False, True):

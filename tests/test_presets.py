@@ -22,11 +22,11 @@ def _fit_tiny(name: str) -> list[str]:
     """Overrides that move a preset's layer fields into the tiny model's 4 layers."""
     from omegaconf import OmegaConf
 
-    from dvlm_exp.pruning.specs import SPECS
+    from dvlm_exp.registry import PRUNERS
 
     cfg = OmegaConf.load(REPO / "conf" / "prune" / f"{name}.yaml")
     out = []
-    for key, lo in SPECS[cfg.name]["layers"].items():
+    for key, lo in PRUNERS.get(cfg.name).layer_fields.items():
         if key not in cfg:
             continue
         val = cfg[key]
@@ -38,24 +38,29 @@ def _fit_tiny(name: str) -> list[str]:
     return out
 
 
-def test_every_method_has_a_spec_and_a_registered_class():
-    from dvlm_exp.pruning.specs import SPECS
-    from dvlm_exp.registry import PRUNERS, SCHEDULES as SCHED
+def test_every_yaml_names_a_registered_class_and_every_class_has_a_yaml():
+    """conf/<group>/*.yaml <-> the classes registered in their own files, both ways."""
+    from dvlm_exp.registry import MODEL_FAMILIES, PRUNERS, SCHEDULES as SCHED
     from omegaconf import OmegaConf
 
-    for name in PRUNES:
-        cls_name = OmegaConf.load(REPO / "conf" / "prune" / f"{name}.yaml").name
-        assert cls_name in SPECS, name
-        PRUNERS.get(cls_name)  # imports
+    named = {OmegaConf.load(REPO / "conf" / "prune" / f"{name}.yaml").name for name in PRUNES}
+    assert named == set(PRUNERS.names())
+    for name in named:
+        assert PRUNERS.get(name).__module__ == f"dvlm_exp.pruning.{name}"
+    # schedules: file name = yaml name = registered name
+    assert set(SCHEDULES) == set(SCHED.names())
     for name in SCHEDULES:
-        SCHED.get(OmegaConf.load(REPO / "conf" / "schedule" / f"{name}.yaml").name)
+        assert OmegaConf.load(REPO / "conf" / "schedule" / f"{name}.yaml").name == name
+        assert SCHED.get(name).__module__ == f"dvlm_exp.schedules.{name}"
+    families = {OmegaConf.load(p).get("family") for p in (REPO / "conf" / "model").glob("*.yaml")} - {None}
+    assert families <= set(MODEL_FAMILIES.names())
 
 
 @pytest.mark.parametrize("prune", PRUNES)
 def test_prune_preset_composes_checks_and_generates(prune, tiny_model, doc_images):
-    from dvlm_exp.generator import GenPreset, Generator
-    from dvlm_exp.runner import build_pruner, build_schedule, compose_config
-    from dvlm_exp.validate import check
+    from dvlm_exp.decoding.generator import GenPreset, Generator
+    from dvlm_exp.run.build import build_pruner, build_schedule, compose_config
+    from dvlm_exp.run.validate import check
 
     cfg = compose_config([f"prune={prune}", "ratio=0.5", *_fit_tiny(prune)])
     check(cfg, data=False)
@@ -118,8 +123,8 @@ def test_schedule_preset_acts_at_the_documented_steps(schedule):
     fraction (late_step 0.75), an off-by-one start (every_step), a floor turned into rounding,
     a confidence start that is not the step after the threshold is reached."""
     from dvlm_exp.registry import SCHEDULES as SCHED
-    from dvlm_exp.runner import build_schedule, compose_config
-    from dvlm_exp.validate import check
+    from dvlm_exp.run.build import build_schedule, compose_config
+    from dvlm_exp.run.validate import check
 
     extra = ["schedule.step=3"] if schedule == "at_step" else []
     cfg = compose_config(["prune=fastv", f"schedule={schedule}", *extra])
@@ -140,7 +145,7 @@ def test_schedule_preset_acts_at_the_documented_steps(schedule):
 def test_progressive_keep_ratio_falls_linearly_to_ratio():
     """progressive: at stage i of n (step floor(f_i * S)) keep 1 - (1 - ratio) * (i + 1) / n of the
     original visual tokens, reaching `ratio` at the last stage; before a stage nothing changes."""
-    from dvlm_exp.schedule import Progressive
+    from dvlm_exp.schedules.progressive import Progressive
 
     sched = Progressive()
     sched.begin(16)  # stages at 0, 4, 8, 12
@@ -161,8 +166,9 @@ def test_progressive_keep_ratio_falls_linearly_to_ratio():
     (["prune=fastv", "schedule.persist=forever"], "schedule.persist=forever must be state, replay or none"),
 ])
 def test_bad_method_and_schedule_settings_fail_before_loading(args, needle):
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     with pytest.raises(ConfigError) as e:
         check(compose_config(args), data=False)

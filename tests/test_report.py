@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from dvlm_exp.report import PUBLISHED  # shipped in the package
+from dvlm_exp.reporting.report import PUBLISHED  # shipped in the package
 
 SMALL = ["limit=1", "progress=false", "task.synthetic.n=2", "task.gen.gen_length=8", "task.gen.block_length=8",
          "task.gen.steps=4"]
@@ -206,7 +206,7 @@ def test_report_without_published_and_default_out(tiny_sweep, report_cli, capsys
 
 def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict, ratio=0.5, sweep=None,
                schedule=None, reduction=0.0, latency=1.0, choice=None):
-    from dvlm_exp.record import write_results
+    from dvlm_exp.run.record import write_results
 
     cfg = {"model": {"name": "llada_v", "family": "llada_v"}, "prune": prune, "ratio": ratio,
            "schedule": schedule or {"name": "first_step", "persist": "state"},
@@ -223,7 +223,7 @@ def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict
 
 
 def test_paper_vocabulary_against_published_yaml(tmp_path):
-    from dvlm_exp.report import build_report
+    from dvlm_exp.reporting.report import build_report
 
     t1 = {"name": "study_table1", "paper": "dmllm_redundancy_study", "table": "table1"}
     base = {"name": "llada_v_baseline", "paper": "dmllm_redundancy_study", "table": None}
@@ -275,7 +275,7 @@ def test_paper_vocabulary_against_published_yaml(tmp_path):
 
 
 def test_matching_rules():
-    from dvlm_exp.report import matches
+    from dvlm_exp.reporting.report import matches
 
     run = {"model_label": "LLaDA-V", "method": "FastV", "keep_ratio": 0.25, "start": 0.5, "layer": 3,
            "benchmarks": ["MMMU-Pro (vision)", "MMMU-Pro"]}
@@ -294,7 +294,7 @@ def test_matching_rules():
 def test_relative_average():
     """Ours for "Avg (relative %)": mean of score / our baseline score over the benchmarks the paper averaged
     for that row, x100; empty when one is missing; over our baseline's benchmarks for a row the paper lacks."""
-    from dvlm_exp.report import AVG_LABEL, _fill_avg
+    from dvlm_exp.reporting.report import AVG_LABEL, _fill_avg
 
     base, fv, new = ("M", "baseline", "1", "-"), ("M", "FastV", "0.5", "step0"), ("M", "Mine", "0.5", "step0")
     cells = {base + ("A",): {"ours": 50.0, "published": 60.0}, base + ("B",): {"ours": 2.0, "published": 3.0},

@@ -1,7 +1,7 @@
 """A run dir is data, and one run owns it: the resume journal never runs code from it, a second run
 into a busy run dir is refused, interruptions and unwritable files end with one `error:` line,
-and an interrupted run resumes to the record of an uninterrupted one (dvlm_exp/resume.py,
-dvlm_exp/record.py, dvlm_exp/runner.main)."""
+and an interrupted run resumes to the record of an uninterrupted one (dvlm_exp/run/resume.py,
+dvlm_exp/run/record.py, dvlm_exp/runner.main)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def assert_no_record(run_dir: Path) -> None:
-    from dvlm_exp.record import is_complete
+    from dvlm_exp.run.record import is_complete
 
     assert not (run_dir / "results.json").exists() and not (run_dir / ".dvlm_complete").exists()
     assert not is_complete(run_dir)
@@ -141,7 +141,7 @@ def _entry(key: str, text: str, rec) -> dict:
 
 
 def _journal(run_dir, cfg):
-    from dvlm_exp.resume import SampleJournal
+    from dvlm_exp.run.resume import SampleJournal
 
     return SampleJournal(run_dir, cfg)
 
@@ -459,7 +459,7 @@ def test_chmod_read_only_run_dir_ends_with_one_line(tmp_path):
 
 
 def test_write_atomic_full_disk_names_path_and_leaves_nothing(tmp_path, monkeypatch):
-    from dvlm_exp import record as rec_io
+    from dvlm_exp.run import record as rec_io
 
     real_fdopen = os.fdopen
 

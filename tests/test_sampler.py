@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dvlm_exp.engine import Engine
-from dvlm_exp.sampler import MaskedDiffusionSampler, SamplerConfig, num_transfer_tokens
+from dvlm_exp.decoding.sampler import MaskedDiffusionSampler, SamplerConfig, num_transfer_tokens
 
 
 def official_stop_scan(gen, stop_seqs, P, stop_position, found):

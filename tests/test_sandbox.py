@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 
-from dvlm_exp.data import synth_shapes as S
+from dvlm_exp.evaluation.data import synth_shapes as S
 
 SANDBOX = REPO / "dvlm_exp" / "assets" / "sandbox"
 
@@ -159,7 +159,7 @@ def test_shipped_checkpoint_is_small_and_loads_through_the_official_path():
     size = sum(p.stat().st_size for p in SANDBOX.rglob("*") if p.is_file())
     assert size <= 10 * 1024 * 1024, size
     from dvlm_exp.models.checkpoint import read_config
-    from dvlm_exp.runner import compose_config, load_model
+    from dvlm_exp.run.build import compose_config, load_model
 
     assert read_config(SANDBOX, "llava_llada")["model_type"] == "llava_llada"
     cfg = compose_config(["model=sandbox", "task=synth_shapes"])
@@ -168,10 +168,10 @@ def test_shipped_checkpoint_is_small_and_loads_through_the_official_path():
 
 
 def _accuracy(model, prune: str, ratio: float, n: int, layer: int | None = None) -> float:
-    from dvlm_exp.generator import Generator, GenPreset
+    from dvlm_exp.decoding.generator import Generator, GenPreset
     from dvlm_exp.models.sandbox import GEN_PRESET
     from dvlm_exp.registry import PRUNERS
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     kw = {} if layer is None else {"layer": layer}
     if prune == "fastv":
@@ -193,7 +193,7 @@ def test_trained_sandbox_orders_the_methods():
     regression in scoring (wrong rows, wrong columns, inverted ranking), gathering or position
     handling drops the attention-based methods to random's level or below. Ratio 1.0 changes
     nothing; random falls towards the colour prior as keep -> 0."""
-    from dvlm_exp.runner import compose_config, load_model
+    from dvlm_exp.run.build import compose_config, load_model
 
     model = load_model(compose_config(["model=sandbox", "task=synth_shapes"]))
     n = 96
@@ -221,7 +221,7 @@ def test_shipped_tower_is_patch_local():
     import torch
     from PIL import ImageDraw
 
-    from dvlm_exp.runner import compose_config, load_model
+    from dvlm_exp.run.build import compose_config, load_model
 
     model = load_model(compose_config(["model=sandbox", "task=synth_shapes"]))
     spec = S.make_spec("test", 0, 0)

@@ -11,10 +11,11 @@ from fractions import Fraction
 
 import pytest
 
-from dvlm_exp.generator import GenPreset, Generator
+from dvlm_exp.decoding.generator import GenPreset, Generator
 from dvlm_exp.pruning.base import keep_count
 from dvlm_exp.pruning.fastv import FastV
-from dvlm_exp.schedule import LateStep, StartFrac
+from dvlm_exp.schedules.late_step import LateStep
+from dvlm_exp.schedules.start_frac import StartFrac
 
 
 def naive_start(frac: float, S: int) -> int:

@@ -67,7 +67,7 @@ def slurm(dvlm_cache):
             pytest.skip(msg)
         print(f"\nslurm up in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     # Write the tiny checkpoint and the synthetic data once, before jobs start side by side.
-    from dvlm_exp.runner import compose_config, model_path, task_entry
+    from dvlm_exp.run.build import compose_config, model_path, task_entry
 
     cfg = compose_config(["limit=1"])
     model_path(cfg)
@@ -92,7 +92,7 @@ class _FakeGenerator:
 
 
 def test_sample_journal_replays_finished_samples(tmp_path, tiny_cfg, monkeypatch):
-    from dvlm_exp.resume import SampleJournal
+    from dvlm_exp.run.resume import SampleJournal
 
     for k in ("DVLM_FAIL_AFTER_SAMPLES", "DVLM_FAIL_ONLY", "DVLM_SAMPLE_SLEEP_S"):
         monkeypatch.delenv(k, raising=False)
@@ -108,7 +108,7 @@ def test_sample_journal_replays_finished_samples(tmp_path, tiny_cfg, monkeypatch
     assert [r.n_visual for r in g2.recorder.samples] == [10, 11, 12]
     assert g2.recorder.samples[:2] == g1.recorder.samples
     # another config never replays this journal
-    from dvlm_exp.runner import compose_config
+    from dvlm_exp.run.build import compose_config
 
     g3 = _FakeGenerator()
     SampleJournal(tmp_path, compose_config(["limit=2", "seed=7"])).attach(g3)
@@ -119,7 +119,7 @@ def test_sample_journal_replays_finished_samples(tmp_path, tiny_cfg, monkeypatch
 
 
 def test_fail_hook_and_disabled_journal(tmp_path, tiny_cfg, monkeypatch):
-    from dvlm_exp.resume import SampleJournal
+    from dvlm_exp.run.resume import SampleJournal
 
     monkeypatch.setenv("DVLM_FAIL_AFTER_SAMPLES", "1")
     monkeypatch.setenv("DVLM_FAIL_ONLY", tmp_path.name)
@@ -138,7 +138,7 @@ def test_fail_hook_and_disabled_journal(tmp_path, tiny_cfg, monkeypatch):
 def test_basic_launcher_failed_json_then_resume(tmp_path):
     """Hydra's default launcher: a raising job leaves failed.json and a non-zero exit; the same
     sweep again skips the complete job and re-runs the failed one."""
-    from dvlm_exp.record import is_complete
+    from dvlm_exp.run.record import is_complete
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("DVLM_FAIL_AFTER_SAMPLES", "DVLM_FAIL_ONLY", "DVLM_SAMPLE_SLEEP_S"):
@@ -229,7 +229,7 @@ def sweep3(slurm, tmp_path_factory):
 
 
 def test_sweep_of_three_jobs(sweep3):
-    from dvlm_exp.record import is_complete, read_results
+    from dvlm_exp.run.record import is_complete, read_results
 
     p, sweep, wall = sweep3
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
@@ -246,7 +246,7 @@ def test_sweep_of_three_jobs(sweep3):
 
 
 def test_failed_job_is_reported_and_resubmit_reruns_only_it(slurm, tmp_path):
-    from dvlm_exp.record import is_complete
+    from dvlm_exp.run.record import is_complete
 
     sweep = tmp_path / "sweep"
     args = ("prune=none,fastv", "ratio=0.5", "limit=1", f"hydra.sweep.dir={sweep}")
@@ -277,7 +277,7 @@ def test_preempted_job_is_requeued_and_resumes(sweep3, tmp_path):
     """USR2 (what SLURM sends before a time limit or on preemption) -> submitit requeues the
     job; the second attempt takes the finished sample from the journal and generates the rest.
     The record equals the uninterrupted fastv job of the 3-job sweep (same config)."""
-    from dvlm_exp.record import is_complete, read_results
+    from dvlm_exp.run.record import is_complete, read_results
 
     p3, sweep3_dir, _ = sweep3
     assert p3.returncode == 0

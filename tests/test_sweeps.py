@@ -1,5 +1,5 @@
 """sweeps/: every paper-table sweep composes, its job count is the product of its grid sizes (and the count
-its header states), every job's config composes and passes dvlm_exp.validate.check(cfg, data=False)
+its header states), every job's config composes and passes dvlm_exp.run.validate.check(cfg, data=False)
 (model=llada_v with a fake checkpoint dir holding only the 8B config.json), no two jobs of a sweep differ
 only in a value their method ignores, and the study's sweeps carry the study's generation settings
 (published.yaml). Also the dry-run CLI, scripts/sweep_jobs.py.
@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from dvlm_exp.report import PUBLISHED  # shipped in the package
+from dvlm_exp.reporting.report import PUBLISHED  # shipped in the package
 
 SWEEP_DIR = REPO / "sweeps" / "sweep"
 NAMES = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml") if not p.name.startswith("_"))

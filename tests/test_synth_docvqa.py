@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvlm_exp.data import synth_docvqa as sd
+from dvlm_exp.evaluation.data import synth_docvqa as sd
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "dvlm_exp" / "tasks"

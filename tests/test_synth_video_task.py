@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from dvlm_exp.data import synth_video_caption as svc
+from dvlm_exp.evaluation.data import synth_video_caption as svc
 
 TASKS_DIR = REPO / "dvlm_exp" / "tasks"
 # tiny settings: 2 clips, 2 frames per clip (420 visual tokens), gen 8/8/4
@@ -30,7 +30,7 @@ def _rows(d: Path) -> list[dict]:
 
 
 def test_dataset_rows_and_reuse(data_dir, tmp_path):
-    from dvlm_exp.data.synth_video import clip_spec, describe
+    from dvlm_exp.evaluation.data.synth_video import clip_spec, describe
     from dvlm_exp.models.llada_v import load_video_frames
 
     rows = _rows(data_dir)
@@ -132,8 +132,8 @@ def test_task_through_lmms_eval(data_dir):
 
 
 def test_preset_composes():
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.validate import check
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.run.validate import check
 
     cfg = compose_config(["task=synth_video_caption"])
     check(cfg, data=False)
@@ -146,8 +146,9 @@ def test_preset_composes():
 def test_end_to_end_predict_only(tmp_path, capsys):
     """Tiny model, no judge: predictions kept, lexical metrics == pycocoevalcap on the same predictions,
     judge null, the predict-only hint; task.video.max_frames reaches the model (2 frames = 420 tokens)."""
-    from dvlm_exp.record import is_complete
-    from dvlm_exp.runner import compose_config, run
+    from dvlm_exp.run.record import is_complete
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.run.runner import run
     from dvlm_exp.tasks.synth_video_caption.utils import LEXICAL, lexical_scores
 
     cfg = compose_config(TINY)

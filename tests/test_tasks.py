@@ -54,7 +54,7 @@ PRESETS = sorted(p.stem for p in TASK_CONF.glob("*.yaml") if not p.stem.startswi
 
 @functools.lru_cache(maxsize=None)
 def _compose(overrides: tuple[str, ...]):
-    from dvlm_exp.runner import compose_config
+    from dvlm_exp.run.build import compose_config
 
     return compose_config(list(overrides))
 
@@ -90,7 +90,7 @@ def task_manager():
     """
     from lmms_eval.tasks import TaskManager
 
-    from dvlm_exp.task_data import lmms_tasks_dir, task_index
+    from dvlm_exp.evaluation.task_data import lmms_tasks_dir, task_index
     from dvlm_exp.tasks import TASKS_DIR
 
     tasks, _ = task_index()
@@ -113,8 +113,8 @@ def test_preset_composes_and_validates(name):
 
     from omegaconf import OmegaConf
 
-    from dvlm_exp.generator import GenPreset
-    from dvlm_exp.validate import check
+    from dvlm_exp.decoding.generator import GenPreset
+    from dvlm_exp.run.validate import check
 
     cfg = compose(f"task={name}")
     check(cfg, data=False)  # everything but the data
@@ -138,7 +138,8 @@ def test_preset_equals_official_table(name):
 
 
 def test_gen_overrides_and_prompt_switch():
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     cfg = compose("task=chartqa", "task.gen.steps=8")  # the dMLLM study's ChartQA setting
     assert cfg.task.gen.steps == 8 and list(cfg.task.gen.stop) == [EOT, "\n"]
@@ -155,7 +156,7 @@ def test_gen_overrides_and_prompt_switch():
 
 
 def test_lmms_task_names_exist(task_manager):
-    from dvlm_exp.task_data import lmms_tasks_dir, project_tasks_dir, task_index
+    from dvlm_exp.evaluation.task_data import lmms_tasks_dir, project_tasks_dir, task_index
 
     names = set(task_manager.all_tasks)
     wanted = wanted_lmms_tasks()
@@ -178,7 +179,8 @@ def test_lmms_task_names_exist(task_manager):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_offline_without_mirror_fails_fast(name, offline):
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     cfg = compose(f"task={name}")
     t0 = time.perf_counter()
@@ -191,7 +193,8 @@ def test_offline_without_mirror_fails_fast(name, offline):
 
 
 def test_dataset_path_missing(tmp_path):
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     missing = tmp_path / "no" / "such" / "mirror"
     with pytest.raises(ConfigError, match=rf"task\.dataset_path={missing} does not exist"):
@@ -199,7 +202,8 @@ def test_dataset_path_missing(tmp_path):
 
 
 def test_mirror_layout_is_checked(tmp_path, offline):
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     bare = tmp_path / "bare"
     (bare / "DocVQA").mkdir(parents=True)
@@ -225,7 +229,8 @@ def test_cached_dataset_passes_offline(offline):
     fails naming the dataset and the cache otherwise. Catches a cache detection (task_data.cached)
     that always says yes (a missing or misnamed copy would pass, and lmms-eval would then retry
     the Hub 5 times) or always says no (a cached dataset would be refused)."""
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     cache = offline.parent / "lmms_cache"
     cfg = compose("task=docvqa_val")
@@ -247,8 +252,9 @@ def test_cached_dataset_passes_offline(offline):
 
 
 def test_online_passes_and_unreachable_hub_fails(monkeypatch, tmp_path):
-    from dvlm_exp import task_data
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.evaluation import task_data
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -262,7 +268,8 @@ def test_online_passes_and_unreachable_hub_fails(monkeypatch, tmp_path):
 
 
 def test_video_tasks_need_hf_home_and_videos(tmp_path, offline, monkeypatch):
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     mirror = tmp_path / "vdd"
     (mirror / "data").mkdir(parents=True)
@@ -278,7 +285,8 @@ def test_video_tasks_need_hf_home_and_videos(tmp_path, offline, monkeypatch):
 
 
 def test_gqa_images_loaded_by_name_need_the_cache(tmp_path, offline):
-    from dvlm_exp.validate import ConfigError, check
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.validate import check
 
     mirror = tmp_path / "gqa"
     mirror.mkdir()
@@ -363,8 +371,8 @@ def test_llada_v_docvqa_end_to_end_on_local_mirror(tmp_path, offline, task_manag
     from lmms_eval.api.model import lmms
     from lmms_eval.evaluator import simple_evaluate
 
-    from dvlm_exp.runner import task_entry
-    from dvlm_exp.validate import check
+    from dvlm_exp.run.build import task_entry
+    from dvlm_exp.run.validate import check
 
     mirror = build_mirror(tmp_path / "DocVQA")
 

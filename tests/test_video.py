@@ -159,7 +159,7 @@ def test_sampling_indices_official_rule():
 
 
 def test_load_video_frames_picks_official_indices(tmp_path):
-    from dvlm_exp.data.synth_video import write_mp4
+    from dvlm_exp.evaluation.data.synth_video import write_mp4
 
     n = 12
     levels = 16 + 18 * np.arange(n)  # frame i is uniform grey 16 + 18 i
@@ -177,7 +177,7 @@ def test_load_video_frames_picks_official_indices(tmp_path):
 
 
 def test_make_clip_is_deterministic(tmp_path):
-    from dvlm_exp.data.synth_video import make_clip
+    from dvlm_exp.evaluation.data.synth_video import make_clip
 
     d1 = make_clip(tmp_path / "a.mp4", seed=5, n_frames=10, size=64)
     d2 = make_clip(tmp_path / "b.mp4", seed=5, n_frames=10, size=64)
@@ -195,7 +195,7 @@ def test_make_clip_is_deterministic(tmp_path):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from dvlm_exp.data.synth_video import make_clip
+    from dvlm_exp.evaluation.data.synth_video import make_clip
 
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
     desc = make_clip(path, seed=1, n_frames=12, size=96)
@@ -242,9 +242,9 @@ def _check_output(tiny_model, gen, text, n_frames):
 
 
 def test_generate_from_video_path(tiny_model, clip, monkeypatch):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
     from dvlm_exp.pruning.none import NoPruning
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     monkeypatch.setattr(tiny_model, "video_max_frames", 6)
     gen = Generator(tiny_model, NoPruning(), FirstStep(), GenPreset(gen_length=8, block_length=8, steps=4))
@@ -255,10 +255,10 @@ def test_generate_from_video_path(tiny_model, clip, monkeypatch):
 def test_lmms_adapter_video_request(tiny_model, clip):
     from lmms_eval.api.instance import Instance
 
-    from dvlm_exp.generator import GenPreset, Generator
-    from dvlm_exp.lmms_adapter import DvlmLMM
+    from dvlm_exp.decoding.generator import GenPreset, Generator
+    from dvlm_exp.evaluation.lmms_adapter import DvlmLMM
     from dvlm_exp.pruning.none import NoPruning
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     gen = Generator(tiny_model, NoPruning(), FirstStep(), GenPreset(gen_length=8, block_length=8, steps=4))
     lm = DvlmLMM(generator=gen, progress=False, max_frames_num=5)
@@ -273,9 +273,9 @@ def test_lmms_adapter_video_request(tiny_model, clip):
 
 
 def test_fastv_prunes_video_tokens(tiny_model, clip):
-    from dvlm_exp.generator import GenPreset, Generator
+    from dvlm_exp.decoding.generator import GenPreset, Generator
     from dvlm_exp.pruning.fastv import FastV
-    from dvlm_exp.schedule import FirstStep
+    from dvlm_exp.schedules.first_step import FirstStep
 
     gen = Generator(tiny_model, FastV(ratio=0.5, layer=2), FirstStep(), GenPreset(gen_length=8, block_length=8, steps=4))
     text = gen.generate("What moves in the video?", [VideoClip(load_video_frames(clip[0], 4))])
@@ -297,7 +297,7 @@ def test_undecodable_image_names_the_sample(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
 
-    from dvlm_exp.lmms_adapter import DvlmLMM
+    from dvlm_exp.evaluation.lmms_adapter import DvlmLMM
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="PNG")

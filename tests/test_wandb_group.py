@@ -1,5 +1,5 @@
 """W&B runs grouped by sweep and tagged model / method / task / schedule, with the same summary keys in every
-sweep (dvlm_exp/wandb_log.py). Real multiruns of the tiny model with WANDB_MODE=offline; the offline run
+sweep (dvlm_exp/run/wandb_log.py). Real multiruns of the tiny model with WANDB_MODE=offline; the offline run
 files are read back through wandb's own record reader (ecosystem.md §5.2: wandb.Api cannot read offline
 runs; wandb 0.25 writes no config.yaml / wandb-summary.json offline). The multirun also checks
 scripts/sweep_jobs.py's dry run against the run dirs Hydra actually made.
@@ -105,8 +105,8 @@ def test_multirun_groups_by_sweep_name_else_sweep_dir(tmp_path):
 
 def test_group_name_and_tag_rules():
     """logger.group wins; then the sweep name; then the multirun sweep dir; a single run has no group."""
-    from dvlm_exp.runner import compose_config
-    from dvlm_exp.wandb_log import resolve_group, resolve_name, run_tags
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.run.wandb_log import resolve_group, resolve_name, run_tags
 
     multi = {"multirun": True, "sweep_dir": "outputs/multirun/2026-01-01/10-00-00", "job_num": 3,
              "override_dirname": "prune=fastv,ratio=0.5", "choices": {"prune": "llada_fastv"}}
@@ -130,7 +130,7 @@ def test_group_name_and_tag_rules():
 
 def test_summary_names_are_task_independent():
     """Different tasks and methods give the same summary key set apart from lmms-eval's own <task>/<metric>."""
-    from dvlm_exp.wandb_log import summary_metrics
+    from dvlm_exp.run.wandb_log import summary_metrics
 
     def rec(task, metrics, prune="fastv", ratio=0.5):
         return {"task": task, "metrics": metrics, "config": {"prune": {"name": prune, "layer": 3}, "ratio": ratio,

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 from dvlm_exp.engine.engine import Engine, View, _lm_head
 from dvlm_exp.engine.kv import cache_kwargs
 from dvlm_exp.engine.state import Roles, Sequence
-from dvlm_exp.sampler import find_stop
+from dvlm_exp.decoding.sampler import find_stop
 
 
 @dataclass

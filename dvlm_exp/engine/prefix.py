@@ -329,7 +329,7 @@ class PrefixEngine(Engine):
 
 def check_config(cfg) -> None:
     """Before loading: the prefix cache only takes methods that act at step 0 and persist."""
-    from dvlm_exp.validate import ConfigError
+    from dvlm_exp.errors import ConfigError
 
     mode = cfg.model.get("prefix_cache", False)
     if mode not in PREFIX_CACHE_MODES:

@@ -1,6 +1,6 @@
 """What ran: token counts per (step, layer), vision work, LM-head rows, scoring overhead.
 
-The recorder is the only input of the FLOPs accounting (dvlm_exp.flops): FLOPs are counted
+The recorder is the only input of the FLOPs accounting (dvlm_exp.reporting.flops): FLOPs are counted
 from what ran, and the unpruned baseline from the same forwards with no token dropped.
 """
 

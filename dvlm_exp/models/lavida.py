@@ -1,5 +1,7 @@
 """LaViDa (jacklishufan/LaViDa) with its two backbones, assembled from transformers parts.
 
+Long file: one file for the LaViDa family (both backbones share the scaffolding here).
+
 Both share LLaDA-V's LLaVA-NeXT scaffolding (`LLaDAV` supplies the tower, projector, anyres
 tiling, unpad, newline, sequence assembly and the engine-facing parts); only LaViDa's
 differences live here (read in LaViDa 284ef5c, `llava/model/llava_arch.py`,
@@ -37,7 +39,7 @@ differences live here (read in LaViDa 284ef5c, `llava/model/llava_arch.py`,
   for images and the samplers ban nothing); the whole answer is decoded with
   `skip_special_tokens`, `lstrip('!')`, (Dream) `replace('<|im_end|>\\n', '')`, `strip()`; no
   trailing-period strip. LLaDA backbone: the LLaDA low-confidence loop (`MaskedDiffusionSampler`).
-  Dream backbone: `dvlm_exp.sampler_dream.DreamSampler` (`_sample`: `maskgit_plus`,
+  Dream backbone: `dvlm_exp.decoding.sampler_dream.DreamSampler` (`_sample`: `maskgit_plus`,
   `topk_margin`, `entropy`, `alg_temp`, `linspace(1, eps, steps+1)` or LaViDa's shift schedule).
 
 Not reproduced: the Prefix-DLM cache (`prefix_lm=True`; every step here is a full forward, the
@@ -58,6 +60,7 @@ from dvlm_exp.models import checkpoint as ckpt
 from dvlm_exp.models import llava_image
 from dvlm_exp.models import llada_v
 from dvlm_exp.models.llada_v import IMAGE_TOKEN_INDEX, LLaDAV, _LazyWeights, expand_to_square
+from dvlm_exp.registry import MODEL_FAMILIES
 
 # scripts/train/exps/cluster/llada-hd-*-s2.sh (--image_grid_pinpoints), as (width, height).
 LAVIDA_GRID_PINPOINTS = [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
@@ -332,6 +335,7 @@ _OLMO_REQUIRED = {"block_type": ("llama",), "layer_norm_type": ("rms",), "activa
                   "attention_layer_norm": (False,), "block_group_size": (1,)}
 
 
+@MODEL_FAMILIES.register("lavida_llada")
 class LaViDaLLaDA(_LaViDa, LLaDAV):
     family = "lavida_llada"
     model_type = "llava_llada"
@@ -408,6 +412,7 @@ def dream_llm_config(cfg: dict):
     return qc
 
 
+@MODEL_FAMILIES.register("lavida_dream")
 class LaViDaDream(_LaViDa, LLaDAV):
     family = "lavida_dream"
     model_type = "llava_dream"
@@ -463,7 +468,7 @@ class LaViDaDream(_LaViDa, LLaDAV):
 
     @property
     def sampler_class(self):
-        from dvlm_exp.sampler_dream import DreamSampler
+        from dvlm_exp.decoding.sampler_dream import DreamSampler
 
         return DreamSampler
 

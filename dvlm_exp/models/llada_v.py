@@ -1,5 +1,8 @@
 """LLaDA-V (`llava_llada`, ML-GSAI/LLaDA-V) assembled from transformers parts.
 
+Long file: one model family per file (the registry's rule); the tower, projector, anyres
+and prompt code here are what LaViDa reuses, so splitting them would spread one checkpoint layout.
+
 Official layout (HF `save_pretrained` of `LlavaLLaDAModelLM`): LLaMA-named bidirectional
 decoder (`model.layers.*`, `model.embed_tokens`, `model.norm`, `lm_head`), SigLIP tower under
 `model.vision_tower.vision_tower.vision_model.*` with the last layer already removed,
@@ -35,6 +38,7 @@ from dvlm_exp.engine.attention import ATTN_IMPLEMENTATION
 from dvlm_exp.engine.state import Roles, Sequence
 from dvlm_exp.models import checkpoint as ckpt
 from dvlm_exp.models import llava_image
+from dvlm_exp.registry import MODEL_FAMILIES
 
 IMAGE_TOKEN_INDEX = -200
 # Official ids (LLaDA tokenizer); the tokenizer is the source of truth when present.
@@ -140,6 +144,7 @@ class _LazyWeights(dict):
         return out
 
 
+@MODEL_FAMILIES.register("llada_v")
 class LLaDAV(nn.Module):
     family = "llada_v"
     model_type = "llava_llada"

@@ -26,6 +26,7 @@ from dvlm_exp.engine.state import Roles, Sequence
 from dvlm_exp.models import checkpoint as ckpt
 from dvlm_exp.models import llava_layout as layout
 from dvlm_exp.models.llada_v import resolve_device, resolve_dtype
+from dvlm_exp.registry import MODEL_FAMILIES
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
@@ -39,6 +40,7 @@ def _load_weights(files: list[Path]) -> dict:
     return out
 
 
+@MODEL_FAMILIES.register("llava_1_5")
 class LlavaHF(nn.Module):
     """One llava-hf checkpoint, exposed as parts for the engine."""
 
@@ -278,6 +280,7 @@ class LlavaHF(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+@MODEL_FAMILIES.register("llava_next")
 class LlavaNextHF(LlavaHF):
     family = "llava_next"
     model_type = "llava_next"

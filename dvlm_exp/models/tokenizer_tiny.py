@@ -1,5 +1,8 @@
 """Offline, deterministic Hugging Face fast tokenizer in the LLaDA / LLaDA-V layout.
 
+Long file: the tiny tokenizer's vocabulary tables and template are data kept beside the code
+that writes them (test fixture; one checkpoint layout per file).
+
 Tiny test models need a *real* tokenizer that behaves like ``GSAI-ML/LLaDA-V``'s
 (a ``PreTrainedTokenizerFast`` with ``add_bos_token: false``) and carries every
 LLaDA special token at its official id, so that the hard-coded ids used all over

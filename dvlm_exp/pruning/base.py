@@ -8,7 +8,7 @@ Before every decoder layer of a forward at an acting step the engine shows the m
   skips_visual(view)    -> bool              visual tokens bypass this layer (every step)
 After the sampler has unmasked at an acting step: after_step(view) -> Decision | None
 (`view.scores` then holds the forward's score requests). A method keeps no model state; the
-schedule (dvlm_exp.schedule) says when it acts and how its decisions persist.
+schedule (dvlm_exp.schedules) says when it acts and how its decisions persist.
 
 Single-layer methods (FastV, random, ...) set `layer` (K: the first layer that sees the
 pruned sequence) and implement `select(view, scores)`; the default hooks ask for scores at
@@ -48,6 +48,17 @@ class PruneMethod:
     name = "base"
     needs_attention = False
     active = True
+    # Config facts, checked before any weight loads (dvlm_exp.run.validate, which reads them from
+    # the source: declare them in the class body, as literals or names of module-level literals).
+    # A subclass registers itself with @PRUNERS.register("<name>") and declares:
+    #   layer_fields: config fields holding decoder-layer indices -> smallest legal value (every
+    #     prune field named `layer`, `layers`, `*_layer` or `*_layers` is checked against the
+    #     model's depth even when undeclared, lowest value 0);
+    #   choices: fields with a closed set of values (position_ids and rounding are common to all);
+    #   requires: {field: {value: {other_field: required value}}}.
+    layer_fields: dict[str, int] = {"layer": 0}
+    choices: dict[str, tuple] = {}
+    requires: dict[str, dict] = {}
 
     def __init__(self, ratio: float = 1.0, layer: int = 0, seed: int = 0, rounding: str = "round",
                  position_ids: str = "keep", **kwargs):

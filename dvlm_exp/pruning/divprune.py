@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dvlm_exp.engine.state import Decision
 from dvlm_exp.pruning.base import PruneMethod
+from dvlm_exp.registry import PRUNERS
 
 PIVOTS = ("paper", "random")
 
@@ -64,7 +65,10 @@ def max_min_greedy(dist: torch.Tensor, k: int, first: int) -> torch.Tensor:
     return torch.sort(selected).values
 
 
+@PRUNERS.register("divprune")
 class DivPrune(PruneMethod):
+    layer_fields = {"layer": 0}  # config fields holding decoder-layer indices: smallest legal value
+    choices = {"pivot": ("paper", "random")}
     name = "divprune"
 
     def __init__(self, pivot: str = "paper", **kwargs):

@@ -16,10 +16,15 @@ import torch
 from dvlm_exp.engine.state import Roles
 from dvlm_exp.pruning.base import PruneMethod, topk_sorted
 
-from dvlm_exp.pruning.fastv_queries import QUERY_SETS  # noqa: E402
+from dvlm_exp.registry import PRUNERS
+
+QUERY_SETS = ("last_token", "all", "masked_response", "last_prompt_token")
 
 
+@PRUNERS.register("fastv")
 class FastV(PruneMethod):
+    layer_fields = {"layer": 1}  # config fields holding decoder-layer indices: smallest legal value
+    choices = {"query_set": QUERY_SETS}
     name = "fastv"
     needs_attention = True
 

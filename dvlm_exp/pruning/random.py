@@ -1,10 +1,13 @@
 import torch
 
 from dvlm_exp.pruning.base import PruneMethod
+from dvlm_exp.registry import PRUNERS
 
 
+@PRUNERS.register("random")
 class RandomPruning(PruneMethod):
     """Keep a uniformly random subset of visual tokens (seeded, own generator)."""
+    layer_fields = {"layer": 0}  # config fields holding decoder-layer indices: smallest legal value
 
     name = "random"
 

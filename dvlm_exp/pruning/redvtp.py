@@ -28,11 +28,14 @@ import torch
 from dvlm_exp.engine.attention import ScoreRequest
 from dvlm_exp.engine.state import Decision
 from dvlm_exp.pruning.base import PruneMethod, topk_sorted
+from dvlm_exp.registry import PRUNERS
 
 QUERY_SETS = ("masked_response", "response")
 
 
+@PRUNERS.register("redvtp")
 class RedVTP(PruneMethod):
+    choices = {"query_set": QUERY_SETS}
     name = "redvtp"
     needs_attention = True
 

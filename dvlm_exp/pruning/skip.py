@@ -22,9 +22,12 @@ published. `layers=None` (the class default) means the deep half of the model
 from __future__ import annotations
 
 from dvlm_exp.pruning.base import PruneMethod
+from dvlm_exp.registry import PRUNERS
 
 
+@PRUNERS.register("skip")
 class LayerSkip(PruneMethod):
+    layer_fields = {"layers": 0}  # config fields holding decoder-layer indices: smallest legal value
     name = "skip"
 
     def __init__(self, layers=None, **kwargs):

@@ -51,6 +51,7 @@ import torch
 from dvlm_exp.engine.attention import ScoreRequest
 from dvlm_exp.engine.state import Decision, Roles
 from dvlm_exp.pruning.base import PruneMethod, keep_count, topk_sorted
+from dvlm_exp.registry import PRUNERS
 
 VERSIONS = ("v1", "v2")
 QUERY_SETS = ("raters", "text")
@@ -127,7 +128,13 @@ def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tenso
     return centres, assign
 
 
+@PRUNERS.register("sparsevlm")
 class SparseVLM(PruneMethod):
+    layer_fields = {"layers": 1}  # config fields holding decoder-layer indices: smallest legal value
+    choices = {"version": VERSIONS, "query_set": QUERY_SETS, "ratio_target": RATIO_TARGETS}
+
+    # v1 renumbers (truncated ids), v2 keeps the original ids (methods.md §0.4)
+    requires = {"version": {"v1": {"position_ids": "renumber"}, "v2": {"position_ids": "keep"}}}
     name = "sparsevlm"
     needs_attention = True
 

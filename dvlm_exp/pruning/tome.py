@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from dvlm_exp.engine.state import Decision
 from dvlm_exp.pruning.base import PruneMethod
+from dvlm_exp.registry import PRUNERS
 
 
 def bipartite_merge(feats: torch.Tensor, target: int, rounds: int = 26):
@@ -82,7 +83,9 @@ def bipartite_merge(feats: torch.Tensor, target: int, rounds: int = 26):
     return rep, assign
 
 
+@PRUNERS.register("tome")
 class ToMe(PruneMethod):
+    layer_fields = {"layer": 0}  # config fields holding decoder-layer indices: smallest legal value
     name = "tome"
 
     def __init__(self, rounds: int = 26, **kwargs):

@@ -59,6 +59,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from dvlm_exp.engine.attention import ScoreRequest
 from dvlm_exp.engine.state import Decision, Roles
 from dvlm_exp.pruning.base import PruneMethod
+from dvlm_exp.registry import PRUNERS
 
 QUERY_SETS = ("last_prompt_token", "masked_response", "last_token")
 STAGES = ("shallow", "middle", "deep")
@@ -117,7 +118,10 @@ def contributions(req: ScoreRequest, vis: torch.Tensor) -> tuple[torch.Tensor, t
     return cos, c.norm(dim=-1)
 
 
+@PRUNERS.register("visipruner")
 class VisiPruner(PruneMethod):
+    layer_fields = {"shallow_mid_layer": 0}  # config fields holding decoder-layer indices: smallest legal value
+    choices = {"query_set": QUERY_SETS}
     name = "visipruner"
     needs_attention = True
 

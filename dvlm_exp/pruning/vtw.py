@@ -22,9 +22,12 @@ from __future__ import annotations
 import torch
 
 from dvlm_exp.pruning.base import PruneMethod
+from dvlm_exp.registry import PRUNERS
 
 
+@PRUNERS.register("vtw")
 class VTW(PruneMethod):
+    layer_fields = {"layer": 0}  # config fields holding decoder-layer indices: smallest legal value
     name = "vtw"
 
     def __init__(self, layer: int = 15, position_ids: str = "renumber", **kwargs):

@@ -1,9 +1,9 @@
 """`synth_shapes` (the sandbox task): one- or two-word answers scored by exact match after
-`dvlm_exp.data.synth_shapes.normalize` (lower case, no punctuation, no "and")."""
+`dvlm_exp.evaluation.data.synth_shapes.normalize` (lower case, no punctuation, no "and")."""
 
 from __future__ import annotations
 
-from dvlm_exp.data.synth_shapes import POST_PROMPT, normalize
+from dvlm_exp.evaluation.data.synth_shapes import POST_PROMPT, normalize
 
 
 def doc_to_visual(doc):

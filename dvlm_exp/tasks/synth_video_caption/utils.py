@@ -7,7 +7,7 @@ METEOR or SPICE: those need Java. Note CIDEr's IDF comes from the evaluated refe
 0 on a single sample and depends on `limit`.
 
 Judge score (`judge_score`, 0-5 detail orientation, video_dc499's prompt): only when the runner
-activated a judge (`dvlm_exp.judge.active()`, `judge=openai ...`); otherwise the metric is absent
+activated a judge (`dvlm_exp.evaluation.judge.active()`, `judge=openai ...`); otherwise the metric is absent
 (predict-only: score later with `python scripts/judge.py <run_dir>`).
 """
 
@@ -58,7 +58,7 @@ def lexical_scores(predictions: list[str], references: list[list[str]]) -> dict[
 
 
 def process_results(doc, results):
-    from dvlm_exp import judge
+    from dvlm_exp.evaluation import judge
 
     pred = results[0] if results else ""
     item = {"pred": pred, "refs": [doc["answer"]]}
@@ -87,6 +87,6 @@ def agg_cider(items):
 
 
 def agg_judge(items):
-    from dvlm_exp.judge import mean_score
+    from dvlm_exp.evaluation.judge import mean_score
 
     return mean_score(items)
