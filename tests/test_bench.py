@@ -147,12 +147,7 @@ def test_throughput_fields(summary):
 
 
 def test_published_redvtp_headline_is_read_from_the_yaml(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_mod", REPO / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_mod", bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    from dvlm_exp.reporting import bench
     pub = tmp_path / "published.yaml"
     pub.write_text("papers:\n- key: fastv\n  headlines: []\n- key: redvtp\n  arxiv: '1.2'\n  headlines:\n"
                    "  - {model: LLaDA-V, metric: token-generation throughput, change_pct: 186}\n"

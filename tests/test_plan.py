@@ -257,13 +257,10 @@ def run_plan(*args):
 
 @pytest.fixture(scope="module")
 def plan_cli():
-    """scripts/plan_flops.py as a module (its `main(argv)` is what `python scripts/plan_flops.py` runs)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import plan_flops
-    finally:
-        sys.path.pop(0)
-    return plan_flops
+    """scripts/plan_flops.py's module (its `main(argv)` is what `python scripts/plan_flops.py` runs)."""
+    from dvlm_exp.reporting import plan_cli
+
+    return plan_cli
 
 
 def test_cli_8b_config_only(tmp_path, plan_cli, capsys):
