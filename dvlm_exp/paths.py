@@ -26,8 +26,6 @@ def resolve_path(p) -> Path:
         if top != "dvlm_exp":
             raise ValueError(f"{s!r}: only pkg://dvlm_exp/... paths are known")
         return Path(__file__).resolve().parent / rest
-    from dvlm_exp.models.checkpoint import is_hub_id, resolve_hub_id
+    from dvlm_exp.models.checkpoint import local_dir
 
-    if is_hub_id(s):  # `org/name` in the local Hugging Face cache (CheckpointError with `hf download` if not)
-        return resolve_hub_id(s)
-    return Path(s).expanduser()
+    return local_dir(Path(s).expanduser())  # `org/name` in the local HF cache (CheckpointError with `hf download` if not)

@@ -103,3 +103,14 @@ def test_local_directory_wins_and_ids_resolve_offline(tmp_path, monkeypatch, hub
     assert (snap / "config.json").resolve().parent == hub_cache / f"models--{REPO_ID.replace('/', '--')}" / "blobs"
     with pytest.raises(CheckpointError, match=r"`hf download GSAI-ML/LLaDA-V`"):
         resolve_hub_id("GSAI-ML/LLaDA-V", cache_dir=hub_cache)
+
+
+def test_from_pretrained_takes_a_cached_hub_id(tmp_path, hub_cache):
+    """The Python API as `from_pretrained` users expect: the id loads the cached snapshot's weights."""
+    code = ("import json, sys; from dvlm_exp.models.llada_v import LLaDAV; "
+            f"m = LLaDAV.from_pretrained({REPO_ID!r}); "
+            "print(json.dumps({'layers': len(m.layers), 'd': m.dims()['d']}))")
+    env = dict(os.environ, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"layers": SPEC["num_hidden_layers"], "d": SPEC["hidden_size"]}

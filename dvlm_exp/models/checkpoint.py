@@ -100,6 +100,12 @@ def read_config(path: str | Path, model_type: str | tuple[str, ...]) -> dict:
     return cfg
 
 
+def local_dir(path: str | Path) -> Path:
+    """The folder a model path names: a hub id (`is_hub_id`) is its snapshot in the local HF cache
+    (`resolve_hub_id`), anything else the path itself. The models' `from_pretrained` start here."""
+    return resolve_hub_id(str(path)) if is_hub_id(str(path)) else Path(path)
+
+
 def check_safetensors(file: str | Path) -> None:
     """A safetensors file's header, read without torch or the safetensors library (8-byte
     little-endian header length, a JSON header of name -> dtype / shape / data_offsets): the file
