@@ -265,7 +265,7 @@ def test_lmms_adapter_video_request(tiny_model, clip):
     lm.task_dict = {"vid": {"test": [{"video": clip[0]}]}}
     req = Instance("generate_until", ("Describe the video.", {"until": ["\n\n"]}, lambda d: [d["video"]], 0, "vid", "test"),
                    idx=0, metadata={"task": "vid", "doc_id": 0, "repeats": 1})
-    (text,) = lm.generate_until([req])
+    (text,) = [r.text for r in lm.generate_until([req])]
     _check_output(tiny_model, gen, text, 5)
     assert lm.predictions[-1]["n_visual"] == num_video_tokens(5)
     # official default when nothing overrides it: 32 frames

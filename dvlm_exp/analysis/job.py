@@ -137,7 +137,7 @@ def main(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
     from dvlm_exp.models.checkpoint import CheckpointError
-    from dvlm_exp.run.validate import ConfigError
+    from dvlm_exp.errors import ConfigError
 
     out = options(cfg)["out"] or HydraConfig.get().runtime.output_dir
     try:

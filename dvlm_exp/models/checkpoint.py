@@ -1,5 +1,10 @@
 """Checks on a checkpoint directory that need no torch: run before any weight loads.
 
+`model.path` is a local directory or a Hugging Face hub id (`GSAI-ML/LLaDA-V`) already in the
+local HF cache: `resolve_hub_id` finds its snapshot offline (`huggingface_hub.snapshot_download(...,
+local_files_only=True)`, which follows refs/main in HF_HUB_CACHE / HF_HOME as `from_pretrained`
+does), before any check below; an id not in the cache fails with the `hf download` command.
+
 The official LLaDA-V layout (Hugging Face `save_pretrained` of `LlavaLLaDAModelLM`):
 config.json (model_type `llava_llada`), model.safetensors or sharded
 model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json, tokenizer files.
@@ -23,6 +28,40 @@ MAX_HEADER = 100_000_000  # safetensors refuses headers above 100 MB
 
 class CheckpointError(ValueError):
     pass
+
+
+def is_hub_id(path: str) -> bool:
+    """`org/name` as the hub spells a model repo id (huggingface_hub.utils.validate_repo_id), and not
+    an existing file or folder: a local path always wins, as in `from_pretrained`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    s = str(path)
+    if s.count("/") != 1 or s.startswith((".", "~")) or Path(s).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(s)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_hub_id(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """The cached snapshot folder of hub model `repo_id` (its refs/main), offline, from `cache_dir`
+    (default: the hub's own, HF_HUB_CACHE / HF_HOME); a `CheckpointError` giving the download
+    command when the cache does not hold it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="model", cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"model.path={repo_id} is not a local directory, and the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) "
+            f"does not hold the hub model {repo_id}: download it on a machine with internet with "
+            f"`hf download {repo_id}` (into that cache: HF_HUB_CACHE / HF_HOME choose it; model.path={repo_id} then "
+            f"resolves offline), or point model.path at a local copy of the checkpoint"
+        ) from e
 
 
 def read_config(path: str | Path, model_type: str | tuple[str, ...]) -> dict:
@@ -59,6 +98,12 @@ def read_config(path: str | Path, model_type: str | tuple[str, ...]) -> dict:
             f"may stay; nothing imports them), or point model.path at a copy without it"
         )
     return cfg
+
+
+def local_dir(path: str | Path) -> Path:
+    """The folder a model path names: a hub id (`is_hub_id`) is its snapshot in the local HF cache
+    (`resolve_hub_id`), anything else the path itself. The models' `from_pretrained` start here."""
+    return resolve_hub_id(str(path)) if is_hub_id(str(path)) else Path(path)
 
 
 def check_safetensors(file: str | Path) -> None:

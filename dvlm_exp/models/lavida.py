@@ -201,7 +201,7 @@ class _LaViDa:
                         load_tokenizer: bool = True, resize_vocab: bool = True):
         from accelerate import init_empty_weights
 
-        path = Path(path)
+        path = ckpt.local_dir(path)  # a local folder, or a hub id in the HF cache
         dt = llada_v.resolve_dtype(dtype)  # a bad option fails before anything is read
         raw = ckpt.read_config(path, cls.model_type)
         cfg = cls.translate_config(raw, path)

@@ -182,7 +182,7 @@ class LLaDAV(nn.Module):
                         load_tokenizer: bool = True, resize_vocab: bool = True) -> "LLaDAV":
         from accelerate import init_empty_weights
 
-        path = Path(path)
+        path = ckpt.local_dir(path)  # a local folder, or a hub id in the HF cache
         dt = resolve_dtype(dtype)  # a bad option fails before anything is read
         cfg = ckpt.read_config(path, cls.model_type)
         files = ckpt.weight_files(path)

@@ -74,7 +74,7 @@ class LlavaHF(nn.Module):
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
-        path = Path(path)
+        path = ckpt.local_dir(path)  # a local folder, or a hub id in the HF cache
         dt = resolve_dtype(dtype)
         raw = ckpt.read_config(path, cls.model_type)
         files = ckpt.weight_files(path)

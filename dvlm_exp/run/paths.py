@@ -16,7 +16,9 @@ PKG_PREFIX = "pkg://"
 
 def resolve_path(p) -> Path:
     """A configured path: `pkg://dvlm_exp/assets/sandbox` is inside the installed package
-    (the checkpoint shipped with the project), anything else is a filesystem path."""
+    (the checkpoint shipped with the project), a Hugging Face hub id `org/name` that is not a local
+    path resolves to its snapshot in the local HF cache (models.checkpoint.resolve_hub_id), anything
+    else is a filesystem path."""
     s = str(p)
     if s.startswith(PKG_PREFIX):
         rel = s[len(PKG_PREFIX):]
@@ -24,4 +26,6 @@ def resolve_path(p) -> Path:
         if top != "dvlm_exp":
             raise ValueError(f"{s!r}: only pkg://dvlm_exp/... paths are known")
         return Path(__file__).resolve().parents[1] / rest
-    return Path(s).expanduser()
+    from dvlm_exp.models.checkpoint import local_dir
+
+    return local_dir(Path(s).expanduser())  # `org/name` in the local HF cache (CheckpointError with `hf download` if not)
