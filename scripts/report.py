@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in s["tables"]:
         print(f"  {t['id']}: {t['rows']} rows x {len(t['benchmarks'])} benchmarks, {t['ours_cells']} cells of ours, "
               f"{t['matched_cells']} with a published value")
+    for w in s["warnings"]:  # no published numbers, or a table without one published match (also in the report)
+        print(f"warning: {w}", file=sys.stderr)
     print(f"report: {s['report_md']} / {s['report_html']}")
     if args.wandb_report:
         if not os.environ.get("WANDB_API_KEY"):
