@@ -299,6 +299,7 @@ def load_run(run_dir: Path, maps: dict | None = None) -> dict:
         "nfe": t.get("nfe"),
         "kept_fraction": (tok.get("visual_kept_avg") / vis_avg) if vis_avg else None,
         "mtime": (run_dir / rec_io.RESULTS).stat().st_mtime,
+        "wandb_group": (rec.get("wandb") or {}).get("group"),  # the W&B group it was logged under
     }
 
 
@@ -950,21 +951,7 @@ def build_report(dirs, out, published=None, maps: dict | None = None, plots: boo
 
 
 def publish_wandb_report(result: dict, project: str, entity: str | None = None) -> str:
-    """Optional: a W&B Report (wandb-workspaces) with the tables as markdown and one panel grid per W&B group
-    of the collected runs (their sweep names). Needs WANDB_API_KEY and `pip install wandb-workspaces`; the
-    offline files (report.md / report.html) are the tested path. Returns the report URL."""
-    import wandb_workspaces.reports.v2 as wr  # noqa: PLC0415 - optional dependency
+    """A W&B Report per sweep (dvlm_exp/wandb_report.py); returns its URL."""
+    from dvlm_exp import wandb_report
 
-    md = (Path(result["summary"]["report_md"])).read_text()
-    groups = sorted({r["sweep"] for r in result["runs"] if r.get("sweep")})
-    blocks = [wr.H1("dvlm_exp report"), wr.MarkdownBlock(text=md)]
-    for g in groups:
-        blocks.append(wr.H2(g))
-        blocks.append(wr.PanelGrid(
-            runsets=[wr.Runset(entity=entity, project=project, name=g, filters=f"Metric('Group') = '{g}'")],
-            panels=[wr.ScatterPlot(x="flops/reduction", y="score"), wr.BarPlot(metrics=["score"])],
-        ))
-    report = wr.Report(entity=entity, project=project, title="dvlm_exp report",
-                       description=f"{len(result['runs'])} runs from {', '.join(result['inputs'])}", blocks=blocks)
-    report.save()
-    return report.url
+    return wandb_report.publish(result, project, entity)

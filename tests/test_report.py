@@ -205,7 +205,7 @@ def test_report_without_published_and_default_out(tiny_sweep, report_cli, capsys
 # ---- 2. the paper vocabulary against the real published.yaml ------------------------------------------------
 
 def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict, ratio=0.5, sweep=None,
-               schedule=None, reduction=0.0, latency=1.0, choice=None):
+               schedule=None, reduction=0.0, latency=1.0, choice=None, wandb_group=None):
     from dvlm_exp.record import write_results
 
     cfg = {"model": {"name": "llada_v", "family": "llada_v"}, "prune": prune, "ratio": ratio,
@@ -216,7 +216,8 @@ def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict
     write_results(d, {"task": lmms_task, "config": cfg, "metrics": metrics, "n_samples": 10,
                       "flops": {"total": 1.0, "baseline_total": 1.0, "reduction": reduction, "convention": "exact"},
                       "tokens": {"visual_per_sample": [100], "visual_kept_avg": 100 * ratio},
-                      "timing": {"latency_s_per_sample": latency}, "generation": {"gen_length": 2, "block_length": 2, "steps": 2}})
+                      "timing": {"latency_s_per_sample": latency}, "generation": {"gen_length": 2, "block_length": 2, "steps": 2},
+                      **({"wandb": {"mode": "offline", "group": wandb_group}} if wandb_group else {})})
     if choice:
         (d / ".hydra").mkdir(exist_ok=True)
         (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prune": choice}}}}))
@@ -405,3 +406,63 @@ def test_plot_axes_say_what_the_score_is(tiny_sweep, monkeypatch):
             assert ax.get_ylim() == (0.0, 100.0)
     monkeypatch.undo()
     plt.close("all")
+
+
+def test_wandb_report_object_per_sweep(tmp_path, report_cli, capsys, monkeypatch):
+    """--wandb-report-spec writes what --wandb-report would save (wandb-workspaces' Report._to_model(), as its
+    save() sends it), offline: one section per W&B group (the sweep), the paper's table beside the published
+    numbers, one run set per method (the group + the method's tag, as dvlm_exp/wandb_log.py tags runs) and
+    score vs FLOPs reduction / vs latency scatter plots of the run summaries. Without W&B credentials
+    --wandb-report is skipped with a note."""
+    t1 = {"name": "study_table1", "paper": "dmllm_redundancy_study", "table": "table1"}
+    base = {"name": "llada_v_baseline", "paper": "dmllm_redundancy_study", "table": None}
+    fastv = {"name": "fastv", "layer": 3, "query_set": "all"}
+    mme = lambda p, c: {"mme_perception_score,none": p, "mme_cognition_score,none": c}  # noqa: E731
+    _write_run(tmp_path / "b" / "0", prune={"name": "none", "layer": 0}, task="mme", lmms_task="mme",
+               metrics=mme(1600.0, 400.0), sweep=base, latency=2.0, wandb_group="llada_v_baseline")
+    for i, (ratio, p) in enumerate(((0.5, 1300.0), (0.25, 1100.0))):
+        _write_run(tmp_path / "t1" / str(i), prune=fastv, task="mme", lmms_task="mme", metrics=mme(p, 400.0),
+                   ratio=ratio, sweep=t1, reduction=0.4, latency=1.5, choice="study_fastv", wandb_group="study_table1")
+    _write_run(tmp_path / "t1" / "9", prune={"name": "random", "layer": 2}, task="mme", lmms_task="mme",
+               metrics=mme(900.0, 300.0), sweep=t1, wandb_group="study_table1")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    spec_path = tmp_path / "wandb_report.json"
+    assert report_cli.main([str(tmp_path / "b"), str(tmp_path / "t1"), "--out", str(tmp_path / "out"), "--no-plots",
+                            "--wandb-report", "--wandb-report-spec", str(spec_path), "--wandb-entity", "me",
+                            "--wandb-project", "proj"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["wandb_report"].startswith("skipped: wandb has no credentials")
+    saved = json.loads(spec_path.read_text())
+    assert (saved["entityName"], saved["projectName"], saved["displayName"]) == ("me", "proj", "dvlm_exp report")
+    blocks = saved["spec"]["blocks"]
+
+    def text(b):
+        return "".join(c.get("text", "") for c in b.get("children", [])) if b["type"] != "markdown-block" else b["content"]
+
+    heads = [text(b) for b in blocks if b["type"] == "heading" and b["level"] == 2]
+    assert heads == ["sweep llada_v_baseline", "sweep study_table1"]
+    i = next(k for k, b in enumerate(blocks) if b["type"] == "heading" and text(b) == "sweep study_table1")
+    section = blocks[i:]
+    md = "\n".join(b["content"] for b in section if b["type"] == "markdown-block")
+    fastv_row = next(ln for ln in md.splitlines() if "| FastV | 0.5 |" in ln)
+    assert "1700.0 / 1655.8 (+44.2)" in fastv_row  # ours / published (delta), the paper's table 1
+    assert "| Random |" in md and "| baseline |" in md  # our own row; the baseline joins its model's table
+    (grid,) = [b for b in section if b["type"] == "panel-grid"]
+    runsets = grid["metadata"]["runSets"]
+    assert [r["name"] for r in runsets] == ["FastV", "Random"]
+    for rs, tag in zip(runsets, ["preset:study_fastv", "method:random"]):
+        leaves = {(f["key"]["name"], f["op"], json.dumps(f["value"])) for f in rs["filters"]["filters"]}
+        assert leaves == {("group", "=", '"study_table1"'), ("tags", "IN", json.dumps([tag]))}
+    panels = grid["metadata"]["panelBankSectionConfig"]["panels"]
+    assert [(p["viewType"], p["config"]["xAxis"], p["config"]["yAxis"]) for p in panels] == [
+        ("Scatter Plot", "summary:flops/reduction", "summary:score"),
+        ("Scatter Plot", "summary:timing/latency_s_per_sample", "summary:score")]
+    # the tags the run sets select are the ones the runs carry (dvlm_exp.wandb_log.run_tags)
+    from dvlm_exp.runner import compose_config
+    from dvlm_exp.wandb_log import run_tags
+
+    cfg = compose_config(["logger=wandb", "prune=study_fastv", "model.path=/unused",
+                          f"hydra.searchpath=[file://{REPO / 'sweeps'}]"])
+    assert "preset:study_fastv" in run_tags(cfg, {"choices": {"prune": "study_fastv"}})

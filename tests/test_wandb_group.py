@@ -100,7 +100,7 @@ def test_multirun_groups_by_sweep_name_else_sweep_dir(tmp_path):
         assert w["summary"]["flops/reduction"] == pytest.approx(rec["flops"]["reduction"])
         assert w["summary"]["prune_start"] == "step0" and w["summary"]["prune_layer"] == 2
         assert w["config"]["sweep"]["name"] == (group if group == "smoke_tiny" else None)
-        assert rec["wandb"]["mode"] == "offline"
+        assert rec["wandb"]["mode"] == "offline" and rec["wandb"]["group"] == group  # the report reads it
 
 
 def test_group_name_and_tag_rules():
