@@ -102,6 +102,23 @@ def test_multirun_groups_by_sweep_name_else_sweep_dir(tmp_path):
         assert w["config"]["sweep"]["name"] == (group if group == "smoke_tiny" else None)
         assert rec["wandb"]["mode"] == "offline" and rec["wandb"]["group"] == group  # the report reads it
 
+    # the W&B Report of these runs (scripts/report.py --wandb-report-spec, offline): a section per group, whose
+    # run set selects the runs by the group and a tag they really carry
+    spec_path = tmp_path / "wandb_report.json"
+    p = subprocess.run([sys.executable, "scripts/report.py", str(sweep_dir), "--no-plots", "--out", str(tmp_path / "rep"),
+                        "--wandb-report-spec", str(spec_path), "--wandb-entity", "me"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    blocks = json.loads(spec_path.read_text())["spec"]["blocks"]
+    heads = ["".join(c.get("text", "") for c in b["children"]) for b in blocks if b["type"] == "heading" and b["level"] == 2]
+    assert heads == ["sweep smoke_tiny", f"sweep {sweep_dir}"]
+    grids = [b for b in blocks if b["type"] == "panel-grid"]
+    for d, grid, group in zip(dirs, grids, ["smoke_tiny", str(sweep_dir)]):
+        (rs,) = grid["metadata"]["runSets"]
+        leaves = {f["key"]["name"]: f["value"] for f in rs["filters"]["filters"]}
+        assert leaves["group"] == group == read_offline_run(d)["group"]
+        assert leaves["tags"] == ["method:fastv"] and "method:fastv" in read_offline_run(d)["tags"]
+
 
 def test_group_name_and_tag_rules():
     """logger.group wins; then the sweep name; then the multirun sweep dir; a single run has no group."""
