@@ -11,8 +11,9 @@ incomplete job dirs are skipped and counted), matches them to dvlm_exp/reporting
 layer, benchmark) with the name mapping of dvlm_exp/reporting/report.py (docs/report.md; `--map kind:ours=theirs`,
 kind = model | method | task, adds to it), and writes under --out (default: <first dir>/report):
 report.md, report.html, runs.csv, tables/<table>.csv (+ _efficiency.csv), plots/*.png, summary.json.
-The last stdout line is the JSON summary. --wandb-report also publishes a W&B Report (needs
-WANDB_API_KEY and `pip install wandb-workspaces`; skipped with a note otherwise).
+The last stdout line is the JSON summary. --wandb-report also saves a W&B Report per sweep
+(dvlm_exp/reporting/wandb_report.py, wandb-workspaces; wandb's own login, skipped with a note without one);
+--wandb-report-spec FILE writes what it would save, offline.
 """
 
 from __future__ import annotations
@@ -42,6 +43,36 @@ def parse_maps(items: list[str]) -> dict:
     return maps
 
 
+def wandb_outputs(args, res) -> dict:
+    """--wandb-report-spec: the W&B Report's spec as it would be saved (offline); --wandb-report: save it
+    (online, with wandb's own login: `wandb login` or WANDB_API_KEY)."""
+    from dvlm_exp.reporting import wandb_report
+    from dvlm_exp.run.wandb_log import DEFAULT_BASE_URL, credentials, wandb_settings
+
+    out = {}
+    entity = args.wandb_entity or os.environ.get("WANDB_ENTITY")
+    if args.wandb_report_spec:
+        if not entity:
+            raise SystemExit("error: --wandb-report-spec needs an entity: --wandb-entity <entity> (or WANDB_ENTITY)")
+        spec = wandb_report.report_spec(wandb_report.build_wandb_report(res, args.wandb_project, entity))
+        Path(args.wandb_report_spec).write_text(json.dumps(spec, indent=1))
+        out["wandb_report_spec"] = str(args.wandb_report_spec)
+        print(f"W&B report spec: {args.wandb_report_spec} ({len(spec['spec']['blocks'])} blocks, "
+              f"{len(wandb_report.sections(res))} sweeps)")
+    if args.wandb_report:
+        ws = wandb_settings()
+        base_url = ws.get("base_url") or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+        if credentials(base_url) is None and not ws.get("api_key"):
+            out["wandb_report"] = "skipped: wandb has no credentials (run `wandb login` or set WANDB_API_KEY)"
+        else:
+            try:
+                out["wandb_report"] = wandb_report.publish(res, args.wandb_project, entity)
+            except Exception as e:  # noqa: BLE001 - the offline report is already written
+                out["wandb_report"] = f"failed: {type(e).__name__}: {e}"
+        print(f"W&B report: {out['wandb_report']}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from dvlm_exp.reporting import report
 
@@ -52,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--map", action="append", default=[], metavar="KIND:OURS=THEIRS",
                     help="extra name mapping, e.g. model:tiny=LLaDA-V, task:synth_docvqa=DocVQA, method:random=Random")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    ap.add_argument("--wandb-report", action="store_true", help="also publish a W&B Report (online; optional package)")
+    ap.add_argument("--wandb-report", action="store_true",
+                    help="also save a W&B Report per sweep (online, wandb's login: `wandb login` or WANDB_API_KEY)")
+    ap.add_argument("--wandb-report-spec", metavar="FILE",
+                    help="write the W&B Report's spec (what --wandb-report would save) as JSON; offline")
     ap.add_argument("--wandb-project", default="dvlm_exp")
     ap.add_argument("--wandb-entity", default=None)
     args = ap.parse_args(argv)
@@ -76,18 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     for t in s["tables"]:
         print(f"  {t['id']}: {t['rows']} rows x {len(t['benchmarks'])} benchmarks, {t['ours_cells']} cells of ours, "
               f"{t['matched_cells']} with a published value")
+    for w in s["warnings"]:  # no published numbers, or a table without one published match (also in the report)
+        print(f"warning: {w}", file=sys.stderr)
     print(f"report: {s['report_md']} / {s['report_html']}")
-    if args.wandb_report:
-        if not os.environ.get("WANDB_API_KEY"):
-            s["wandb_report"] = "skipped: WANDB_API_KEY is not set"
-        else:
-            try:
-                s["wandb_report"] = report.publish_wandb_report(res, args.wandb_project, args.wandb_entity)
-            except ImportError:
-                s["wandb_report"] = "skipped: pip install wandb-workspaces"
-            except Exception as e:  # noqa: BLE001 - the offline report is already written
-                s["wandb_report"] = f"failed: {type(e).__name__}: {e}"
-        print(f"W&B report: {s['wandb_report']}")
+    if args.wandb_report or args.wandb_report_spec:
+        s.update(wandb_outputs(args, res))
     print(json.dumps(s))
     return 0
 

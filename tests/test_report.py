@@ -166,7 +166,7 @@ def test_report_cells_match_results_json(tiny_sweep):
     md = (out / "report.md").read_text()
     assert "synthetic/t1" in md and "skipped 1 failed and 2 incomplete" in md
     html = (out / "report.html").read_text()
-    assert "<table>" in html and "synthetic DocVQA table" in html
+    assert "<table " in html and "synthetic DocVQA table" in html  # what a reader sees: test_report_page_in_headless_chromium
     for plot in ("pareto_tiny.png", "ratio_tiny.png"):
         assert plot in summary["plots"]
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -205,7 +205,7 @@ def test_report_without_published_and_default_out(tiny_sweep, report_cli, capsys
 # ---- 2. the paper vocabulary against the real published.yaml ------------------------------------------------
 
 def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict, ratio=0.5, sweep=None,
-               schedule=None, reduction=0.0, latency=1.0, choice=None):
+               schedule=None, reduction=0.0, latency=1.0, choice=None, wandb_group=None):
     from dvlm_exp.run.record import write_results
 
     cfg = {"model": {"name": "llada_v", "family": "llada_v"}, "prune": prune, "ratio": ratio,
@@ -216,7 +216,8 @@ def _write_run(d: Path, *, prune: dict, task: str, lmms_task: str, metrics: dict
     write_results(d, {"task": lmms_task, "config": cfg, "metrics": metrics, "n_samples": 10,
                       "flops": {"total": 1.0, "baseline_total": 1.0, "reduction": reduction, "convention": "exact"},
                       "tokens": {"visual_per_sample": [100], "visual_kept_avg": 100 * ratio},
-                      "timing": {"latency_s_per_sample": latency}, "generation": {"gen_length": 2, "block_length": 2, "steps": 2}})
+                      "timing": {"latency_s_per_sample": latency}, "generation": {"gen_length": 2, "block_length": 2, "steps": 2},
+                      **({"wandb": {"mode": "offline", "group": wandb_group}} if wandb_group else {})})
     if choice:
         (d / ".hydra").mkdir(exist_ok=True)
         (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"prune": choice}}}}))
@@ -307,3 +308,161 @@ def test_relative_average():
     del cells[fv + ("B",)]["ours"], cells[fv + (AVG_LABEL,)]
     _fill_avg([fv], cells, ["A", "B", AVG_LABEL], with_layer=False)
     assert fv + (AVG_LABEL,) not in cells
+
+
+# ---- 3. what a reader sees: warnings, the page in a real browser, the plots' axes ---------------------------
+
+def test_a_table_without_published_match_is_said(tiny_sweep, report_cli, capsys, tmp_path):
+    """The shipped published.yaml has nothing for the tiny model: a `warning:` line names the table, and the
+    report says it too; with the synthetic paper mapped onto our names, no warning; --published none says so."""
+    _, sweep, pub = tiny_sweep
+    assert report_cli.main([str(sweep), "--no-plots", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    warns = [ln for ln in out.err.splitlines() if ln.startswith("warning:")]
+    assert len(warns) == 1 and "table runs/tiny: none of its 5 cells of ours has a published match" in warns[0]
+    assert str(PUBLISHED) in warns[0]
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["warnings"] == [warns[0][len("warning: "):]]
+    assert warns[0] in (tmp_path / "a" / "report.md").read_text()
+    assert "none of its 5 cells of ours has a published match" in (tmp_path / "a" / "report.html").read_text()
+    assert report_cli.main([str(sweep), "--no-plots", "--out", str(tmp_path / "b"), "--published", str(pub),
+                            "--map", "model:tiny=LLaDA-V", "--map", "task:synth_docvqa=DocVQA"]) == 0
+    out = capsys.readouterr()
+    assert "warning:" not in out.err and json.loads(out.out.strip().splitlines()[-1])["warnings"] == []
+    assert report_cli.main([str(sweep), "--no-plots", "--out", str(tmp_path / "c"), "--published", "none"]) == 0
+    assert "warning: no published numbers were read (--published none)" in capsys.readouterr().err.replace("`", "")
+
+
+def test_report_page_in_headless_chromium(tiny_sweep, report_cli, capsys, tmp_path):
+    """report.html opened in Debian's chromium (scripts/ci/browser.sh installs it) at 1280 px: the page never
+    scrolls sideways (a 200-character input path included), no literal backtick or markdown table is shown,
+    every table is a real <table> whose cells read as the CSV does, and every plot is an image that loaded."""
+    from browser_cdp import Browser, find_browser
+
+    _, sweep, pub = tiny_sweep
+    long_dir = tmp_path / ("d" * 200)
+    long_dir.mkdir()
+    out = tmp_path / "out"
+    assert report_cli.main([str(sweep), str(long_dir), "--out", str(out), "--published", str(pub),
+                            "--map", "model:tiny=LLaDA-V", "--map", "task:synth_docvqa=DocVQA"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scores = read_table(out / "tables" / "synthetic_t1.csv")
+    b = Browser(find_browser(), width=1280)
+    try:
+        b.open((out / "report.html").as_uri())
+        seen = b.eval("""(() => ({
+            scrollWidth: document.documentElement.scrollWidth, width: window.innerWidth,
+            text: document.body.innerText,
+            tables: Array.from(document.querySelectorAll('table')).map(t =>
+                Array.from(t.rows).map(r => Array.from(r.cells).map(c => c.innerText.trim()))),
+            images: Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth]),
+            pre: document.querySelectorAll('pre').length, code: document.querySelectorAll('code').length,
+        }))()""")
+        b.screenshot(out / "screenshot.png")
+    finally:
+        b.close()
+    assert seen["width"] == 1280 and seen["scrollWidth"] <= 1280, seen["scrollWidth"]
+    assert "`" not in seen["text"] and "|---" not in seen["text"] and seen["pre"] == 0 and seen["code"] > 0
+    assert "d" * 200 in seen["text"]
+    # one scores + one efficiency table per report table, then the four name-mapping tables
+    assert len(seen["tables"]) == 2 * len(summary["tables"]) + 4
+    head, *rows = seen["tables"][0]
+    assert head == ["model", "method", "keep_ratio", "start", "layer", "DocVQA"]
+    assert len(rows) == len(scores)
+    for row, (_, csv) in zip(rows, scores.iterrows()):
+        assert row[:5] == [str(csv[k]) for k in ("model", "method", "keep_ratio", "start", "layer")]
+        ours, published = _num(csv["DocVQA|ours"]), _num(csv["DocVQA|published"])
+        if ours is not None:
+            assert row[5].startswith(f"{ours:.2f}" if abs(ours) < 10 else f"{ours:.1f}"), (row, ours)
+        if published is not None:
+            assert f"/ {published:.1f}" in row[5] or f"/ {published:.2f}" in row[5], (row, published)
+    assert seen["tables"][-4][0] == ["model", "paper label"] and ["tiny", "LLaDA-V"] in seen["tables"][-4]
+    assert sorted(src for src, _ in seen["images"]) == sorted(f"plots/{p}" for p in summary["plots"])
+    assert all(w > 0 for _, w in seen["images"]), seen["images"]
+
+
+def test_plot_axes_say_what_the_score_is(tiny_sweep, monkeypatch):
+    """Every panel: a y label naming the metric and its scale, the sample count in the title, and for a
+    0-100 score an axis from 0 to 100 (the tiny model scores 0: matplotlib alone would go below zero)."""
+    import matplotlib.pyplot as plt
+
+    from dvlm_exp.reporting import report
+
+    _, sweep, _ = tiny_sweep
+    runs = [report.load_run(d) for d in report.find_run_dirs([sweep])["complete"]]
+    plt.close("all")
+    monkeypatch.setattr(plt, "close", lambda *a: None)  # keep the figures make_plots draws to look at them
+    paths = report.make_plots(runs, [], sweep.parent / "plots_axes")
+    figs = [plt.figure(n) for n in plt.get_fignums()]
+    assert len(figs) == len(paths) == 2
+    n = {r["n_samples"] for r in runs}
+    assert n == {1}
+    for fig in figs:
+        axes = [ax for ax in fig.axes if ax.axison]
+        assert axes
+        for ax in axes:
+            assert ax.get_ylabel() == "anls x100: ANLS 0-100"
+            assert ax.get_title() == "SynthDocVQA (n = 1 sample)"
+            assert ax.get_ylim() == (0.0, 100.0)
+    monkeypatch.undo()
+    plt.close("all")
+
+
+def test_wandb_report_object_per_sweep(tmp_path, report_cli, capsys, monkeypatch):
+    """--wandb-report-spec writes what --wandb-report would save (wandb-workspaces' Report._to_model(), as its
+    save() sends it), offline: one section per W&B group (the sweep), the paper's table beside the published
+    numbers, one run set per method (the group + the method's tag, as dvlm_exp/run/wandb_log.py tags runs) and
+    score vs FLOPs reduction / vs latency scatter plots of the run summaries. Without W&B credentials
+    --wandb-report is skipped with a note."""
+    t1 = {"name": "study_table1", "paper": "dmllm_redundancy_study", "table": "table1"}
+    base = {"name": "llada_v_baseline", "paper": "dmllm_redundancy_study", "table": None}
+    fastv = {"name": "fastv", "layer": 3, "query_set": "all"}
+    mme = lambda p, c: {"mme_perception_score,none": p, "mme_cognition_score,none": c}  # noqa: E731
+    _write_run(tmp_path / "b" / "0", prune={"name": "none", "layer": 0}, task="mme", lmms_task="mme",
+               metrics=mme(1600.0, 400.0), sweep=base, latency=2.0, wandb_group="llada_v_baseline")
+    for i, (ratio, p) in enumerate(((0.5, 1300.0), (0.25, 1100.0))):
+        _write_run(tmp_path / "t1" / str(i), prune=fastv, task="mme", lmms_task="mme", metrics=mme(p, 400.0),
+                   ratio=ratio, sweep=t1, reduction=0.4, latency=1.5, choice="study_fastv", wandb_group="study_table1")
+    _write_run(tmp_path / "t1" / "9", prune={"name": "random", "layer": 2}, task="mme", lmms_task="mme",
+               metrics=mme(900.0, 300.0), sweep=t1, wandb_group="study_table1")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    spec_path = tmp_path / "wandb_report.json"
+    assert report_cli.main([str(tmp_path / "b"), str(tmp_path / "t1"), "--out", str(tmp_path / "out"), "--no-plots",
+                            "--wandb-report", "--wandb-report-spec", str(spec_path), "--wandb-entity", "me",
+                            "--wandb-project", "proj"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["wandb_report"].startswith("skipped: wandb has no credentials")
+    saved = json.loads(spec_path.read_text())
+    assert (saved["entityName"], saved["projectName"], saved["displayName"]) == ("me", "proj", "dvlm_exp report")
+    blocks = saved["spec"]["blocks"]
+
+    def text(b):
+        return "".join(c.get("text", "") for c in b.get("children", [])) if b["type"] != "markdown-block" else b["content"]
+
+    heads = [text(b) for b in blocks if b["type"] == "heading" and b["level"] == 2]
+    assert heads == ["sweep llada_v_baseline", "sweep study_table1"]
+    i = next(k for k, b in enumerate(blocks) if b["type"] == "heading" and text(b) == "sweep study_table1")
+    section = blocks[i:]
+    md = "\n".join(b["content"] for b in section if b["type"] == "markdown-block")
+    fastv_row = next(ln for ln in md.splitlines() if "| FastV | 0.5 |" in ln)
+    assert "1700.0 / 1655.8 (+44.2)" in fastv_row  # ours / published (delta), the paper's table 1
+    assert "| Random |" in md and "| baseline |" in md  # our own row; the baseline joins its model's table
+    (grid,) = [b for b in section if b["type"] == "panel-grid"]
+    runsets = grid["metadata"]["runSets"]
+    assert [r["name"] for r in runsets] == ["FastV", "Random"]
+    for rs, tag in zip(runsets, ["preset:study_fastv", "method:random"]):
+        leaves = {(f["key"]["name"], f["op"], json.dumps(f["value"])) for f in rs["filters"]["filters"]}
+        assert leaves == {("group", "=", '"study_table1"'), ("tags", "IN", json.dumps([tag]))}
+    panels = grid["metadata"]["panelBankSectionConfig"]["panels"]
+    assert [(p["viewType"], p["config"]["xAxis"], p["config"]["yAxis"]) for p in panels] == [
+        ("Scatter Plot", "summary:flops/reduction", "summary:score"),
+        ("Scatter Plot", "summary:timing/latency_s_per_sample", "summary:score")]
+    # the tags the run sets select are the ones the runs carry (dvlm_exp.run.wandb_log.run_tags)
+    from dvlm_exp.run.build import compose_config
+    from dvlm_exp.run.wandb_log import run_tags
+
+    cfg = compose_config(["logger=wandb", "prune=study_fastv", "model.path=/unused",
+                          f"hydra.searchpath=[file://{REPO / 'sweeps'}]"])
+    assert "preset:study_fastv" in run_tags(cfg, {"choices": {"prune": "study_fastv"}})

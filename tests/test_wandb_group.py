@@ -100,7 +100,24 @@ def test_multirun_groups_by_sweep_name_else_sweep_dir(tmp_path):
         assert w["summary"]["flops/reduction"] == pytest.approx(rec["flops"]["reduction"])
         assert w["summary"]["prune_start"] == "step0" and w["summary"]["prune_layer"] == 2
         assert w["config"]["sweep"]["name"] == (group if group == "smoke_tiny" else None)
-        assert rec["wandb"]["mode"] == "offline"
+        assert rec["wandb"]["mode"] == "offline" and rec["wandb"]["group"] == group  # the report reads it
+
+    # the W&B Report of these runs (scripts/report.py --wandb-report-spec, offline): a section per group, whose
+    # run set selects the runs by the group and a tag they really carry
+    spec_path = tmp_path / "wandb_report.json"
+    p = subprocess.run([sys.executable, "scripts/report.py", str(sweep_dir), "--no-plots", "--out", str(tmp_path / "rep"),
+                        "--wandb-report-spec", str(spec_path), "--wandb-entity", "me"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    blocks = json.loads(spec_path.read_text())["spec"]["blocks"]
+    heads = ["".join(c.get("text", "") for c in b["children"]) for b in blocks if b["type"] == "heading" and b["level"] == 2]
+    assert heads == ["sweep smoke_tiny", f"sweep {sweep_dir}"]
+    grids = [b for b in blocks if b["type"] == "panel-grid"]
+    for d, grid, group in zip(dirs, grids, ["smoke_tiny", str(sweep_dir)]):
+        (rs,) = grid["metadata"]["runSets"]
+        leaves = {f["key"]["name"]: f["value"] for f in rs["filters"]["filters"]}
+        assert leaves["group"] == group == read_offline_run(d)["group"]
+        assert leaves["tags"] == ["method:fastv"] and "method:fastv" in read_offline_run(d)["tags"]
 
 
 def test_group_name_and_tag_rules():
@@ -149,3 +166,87 @@ def test_summary_names_are_task_independent():
             "tokens/kept_fraction"} <= common
     pred_only = summary_metrics(rec("video_dc499", {"bypass,none": 999}))
     assert pred_only["score"] is None and "missing" in pred_only["score_metric"]
+
+
+def read_offline_records(path: Path) -> dict:
+    """run id, resume flag and the keys of every history row of one offline run file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal.datastore import DataStore
+
+    ds = DataStore()
+    ds.open_for_scan(str(path))
+    out = {"history": [], "summary": set()}
+    while (data := ds.scan_data()) is not None:
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run_id"] = rec.run.run_id
+        elif kind == "history":
+            out["history"].append({item.key or "/".join(item.nested_key) for item in rec.history.item})
+        elif kind == "summary":
+            out["summary"] |= {item.key or "/".join(item.nested_key) for item in rec.summary.update}
+    return out
+
+
+def test_requeued_job_is_the_same_run_and_summaries_are_not_history(tmp_path, monkeypatch):
+    """A job run twice in its run dir (a requeued SLURM job) logs under one W&B run id, derived from the run
+    dir (another run dir: another id); the summary values are the run's summary, not a one-point history
+    (the history holds only the per-sample table)."""
+    from dvlm_exp.run import runner
+    from dvlm_exp.run.wandb_log import run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    cfg = runner.compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "prune=fastv", *SMALL])
+    a, b = tmp_path / "job_a", tmp_path / "job_b"
+    for d in (a, a, b):  # job a runs, is requeued into the same dir; job b is another job
+        d.mkdir(exist_ok=True)
+        rec = runner.run(cfg, d)
+        assert rec["wandb"]["run_id"] == run_id(d)
+    import wandb
+
+    wandb.teardown()  # the service writes the run files asynchronously: flush them before reading
+    runs_a = sorted((a / "wandb").glob("offline-run-*/run-*.wandb"))
+    (run_b,) = (b / "wandb").glob("offline-run-*/run-*.wandb")
+    assert len(runs_a) == 2
+    ids = [read_offline_records(p)["run_id"] for p in runs_a]
+    assert ids[0] == ids[1] == run_id(a) == run_id(tmp_path / "x" / ".." / "job_a")
+    assert read_offline_records(run_b)["run_id"] == run_id(b) != run_id(a)
+    w = read_offline_records(runs_a[0])
+    assert SUMMARY_KEYS <= w["summary"]
+    logged = set().union(*w["history"]) if w["history"] else set()
+    assert "synth_docvqa/samples/_type" in logged  # the per-sample table
+    assert not logged & SUMMARY_KEYS, logged & SUMMARY_KEYS
+    monkeypatch.setenv("WANDB_RUN_ID", "my-own-id")  # wandb's own setting wins
+    assert run_id(a) == "my-own-id"
+
+
+def test_online_run_resumes_its_id(tmp_path, monkeypatch):
+    """Online, wandb.init gets the run dir's id and resume="allow" (WANDB_RESUME when set); offline no resume
+    (wandb ignores it there and warns)."""
+    import wandb
+
+    from dvlm_exp.run import runner, wandb_log
+
+    seen = []
+
+    class Stop(BaseException):  # not caught by the sink's `except Exception`
+        pass
+
+    def fake_init(**k):
+        seen.append(k)
+        raise Stop
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setattr(wandb_log, "online_problem", lambda *a, **k: None)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.delenv("WANDB_RESUME", raising=False)
+    cfg = runner.compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "logger.mode=online"])
+    for mode, resume_env, want in (("online", None, "allow"), ("online", "must", "must"), ("offline", None, None)):
+        cfg.logger.mode = mode
+        if resume_env:
+            monkeypatch.setenv("WANDB_RESUME", resume_env)
+        with pytest.raises(Stop):
+            wandb_log.WandbSink(cfg, {}, tmp_path)
+        assert seen[-1]["id"] == wandb_log.run_id(tmp_path) and seen[-1].get("resume") == want

@@ -299,6 +299,7 @@ def load_run(run_dir: Path, maps: dict | None = None) -> dict:
         "nfe": t.get("nfe"),
         "kept_fraction": (tok.get("visual_kept_avg") / vis_avg) if vis_avg else None,
         "mtime": (run_dir / rec_io.RESULTS).stat().st_mtime,
+        "wandb_group": (rec.get("wandb") or {}).get("group"),  # the W&B group it was logged under
     }
 
 
@@ -612,7 +613,7 @@ def make_plots(runs: list[dict], pub_rows: list[dict], plot_dir: Path) -> list[P
             fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
             for ax, (b, br) in zip(axes.flat, panels):
                 {"pareto": _plot_pareto, "ratio": _plot_ratio, "layer": _plot_layer}[kind](ax, br, pub_rows)
-                ax.set_title(b, fontsize=10)
+                score_axis(ax, br, b)
                 ax.grid(alpha=0.3)
             for ax in list(axes.flat)[n:]:
                 ax.axis("off")
@@ -625,6 +626,35 @@ def make_plots(runs: list[dict], pub_rows: list[dict], plot_dir: Path) -> list[P
             plt.close(fig)
             written.append(path)
     return written
+
+
+def _samples(br) -> str:
+    ns = sorted({r["n_samples"] for r in br if r.get("n_samples") is not None})
+    if not ns:
+        return "n = ?"
+    if len(ns) == 1:
+        return f"n = {ns[0]} sample{'s' if ns[0] != 1 else ''}"
+    return f"n = {ns[0]}-{ns[-1]} samples"
+
+
+def score_axis(ax, br, bench: str) -> None:
+    """The y axis says what the score is (metric and scale, from SCORE_SPECS), the title the sample count;
+    a score that cannot be negative gets no negative axis (0-100 scales end at 100)."""
+    lmms = sorted({r["lmms_task"] for r in br if r.get("lmms_task")})
+    spec = SCORE_SPECS.get(lmms[0]) if lmms else None
+    if spec is not None:
+        names, scale, unit = spec
+        ylabel = f"{'+'.join(names)}{f' x{scale:g}' if scale != 1 else ''}: {unit}"
+    else:
+        ylabel = (br[0].get("score_metric") or "score") if br else "score"
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(f"{bench} ({_samples(br)})", fontsize=10)
+    ys = [r["score"] for r in br if r.get("score") is not None] + [y for ln in ax.get_lines() for y in ln.get_ydata()]
+    if ys and min(ys) >= 0:
+        hi = ax.get_ylim()[1]
+        if spec is not None and ("0-100" in spec[2] or "%" in spec[2]) and max(ys) <= 100:
+            hi = 100.0  # the whole scale
+        ax.set_ylim(0.0, hi if hi > 0 else 1.0)
 
 
 def _bench_of(r):
@@ -771,24 +801,51 @@ def _present(v) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def mapping_tables(maps: dict | None = None) -> str:
+MAPPING_NOTE = ("Keep ratio: `ratio` (fraction of visual tokens kept); `none` = 1, `vtw` = 0 (all withdrawn), "
+                "visipruner / skip: none (adaptive / nothing removed). Start: `first_step` = step0, "
+                "`start_frac` / `late_step` = the fraction, `at_step` = step<s>, no pruning = -. Layer: prune.layer "
+                "(sparsevlm: its layers); a published row without a layer matches any.")
+
+
+def mapping_data(maps: dict | None = None) -> list[dict]:
+    """The name mapping as tables: [{"title", "header", "rows"}] (report.md and report.html)."""
     maps = maps or {}
-    parts = ["### Name mapping (ours -> published.yaml)", "",
-             _md_table(["model", "paper label"], [[k, v] for k, v in {**MODEL_LABELS, **maps.get("model", {})}.items()]), "",
-             _md_table(["prune preset / name", "paper method"], [[k, v] for k, v in {**METHOD_LABELS, **maps.get("method", {})}.items()]), "",
-             _md_table(["task preset", "paper benchmark label(s)"],
-                       [[k, " or ".join(v)] for k, v in {**BENCHMARK_LABELS, **{k: [v] for k, v in maps.get("task", {}).items()}}.items()]), "",
-             _md_table(["lmms-eval task", "score on the paper's scale"],
-                       [[k, f"{' + '.join(m)} x {s:g} ({u})"] for k, (m, s, u) in SCORE_SPECS.items()]), "",
-             "Keep ratio: `ratio` (fraction of visual tokens kept); `none` = 1, `vtw` = 0 (all withdrawn), "
-             "visipruner / skip: none (adaptive / nothing removed). Start: `first_step` = step0, "
-             "`start_frac` / `late_step` = the fraction, `at_step` = step<s>, no pruning = -. Layer: prune.layer "
-             "(sparsevlm: its layers); a published row without a layer matches any."]
-    return "\n".join(parts)
+    return [
+        {"title": "models", "header": ["model", "paper label"],
+         "rows": [[k, v] for k, v in {**MODEL_LABELS, **maps.get("model", {})}.items()]},
+        {"title": "methods", "header": ["prune preset / name", "paper method"],
+         "rows": [[k, v] for k, v in {**METHOD_LABELS, **maps.get("method", {})}.items()]},
+        {"title": "benchmarks", "header": ["task preset", "paper benchmark label(s)"],
+         "rows": [[k, " or ".join(v)] for k, v in {**BENCHMARK_LABELS, **{k: [v] for k, v in maps.get("task", {}).items()}}.items()]},
+        {"title": "scores", "header": ["lmms-eval task", "score on the paper's scale"],
+         "rows": [[k, f"{' + '.join(m)} x {s:g} ({u})"] for k, (m, s, u) in SCORE_SPECS.items()]},
+    ]
+
+
+def mapping_tables(maps: dict | None = None) -> str:
+    parts = ["### Name mapping (ours -> published.yaml)", ""]
+    for m in mapping_data(maps):
+        parts += [_md_table(m["header"], m["rows"]), ""]
+    return "\n".join(parts + [MAPPING_NOTE])
+
+
+def published_warnings(result: dict) -> tuple[list[str], dict[str, list[str]]]:
+    """(report-wide warnings, {table id: warnings}): no published file at all, or a table none of whose
+    cells of ours has a published value beside it."""
+    general, per_table = [], {}
+    if not result.get("published"):
+        general.append("no published numbers were read (`--published none`): every table shows ours only")
+    for t in result["tables"]:
+        if result.get("published") and t["ours_cells"] and not t["matched_cells"]:
+            per_table[t["id"]] = [
+                f"table {t['id']}: none of its {t['ours_cells']} cells of ours has a published match in "
+                f"{result['published']} (model / method / keep ratio / start / layer / benchmark differ; "
+                f"`--map kind:ours=theirs` maps our names onto the paper's): ours only"]
+    return general, per_table
 
 
 def render(result: dict, out: Path) -> tuple[Path, Path]:
-    import html as html_mod
+    from dvlm_exp.reporting.render import render_html
 
     c = result["counts"]
     intro = [
@@ -802,45 +859,37 @@ def render(result: dict, out: Path) -> tuple[Path, Path]:
         "latency change per sample vs our baseline run (`t`), the paper's time change (`pub`, whole benchmark run, "
         "its hardware).",
     ]
-    md = ["# dvlm_exp report", ""] + [ln + "  " for ln in intro] + [""]
-    h = ["<!doctype html><html><head><meta charset='utf-8'><title>dvlm_exp report</title><style>"
-         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px;margin-bottom:1em}"
-         "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}th{background:#eee}"
-         "td:nth-child(-n+5){text-align:left}img{max-width:100%}</style></head><body>",
-         "<h1>dvlm_exp report</h1>"] + [f"<p>{html_mod.escape(ln)}</p>" for ln in intro]
+    general, per_table = published_warnings(result)
+    result["warnings"] = general + [w for t in result["tables"] for w in per_table.get(t["id"], [])]
+    md = ["# dvlm_exp report", ""] + [ln + "  " for ln in intro] + [""] + [f"> warning: {w}" for w in general]
+    md += [""] if general else []
+    html_tables = []
     for t in result["tables"]:
         info = t["info"]
         title = f"{t['id']}: {info.get('caption', '')}"
         sub = f"{info.get('title', '')}" + (f" (arXiv {info['arxiv']})" if info.get("arxiv") else "")
         score_h, score_rows = _display(t, "scores")
         eff_h, eff_rows = _display(t, "efficiency")
-        csv = f"CSV: tables/{_slug(t['id'])}.csv, tables/{_slug(t['id'])}_efficiency.csv"
-        md += [f"## {title}", "", sub, "", _md_table(score_h, score_rows), "", "Efficiency:", "",
-               _md_table(eff_h, eff_rows), "", csv, ""]
-        h += [f"<h2>{html_mod.escape(title)}</h2>", f"<p>{html_mod.escape(sub)}</p>", _html_table(score_h, score_rows),
-              "<p>Efficiency</p>", _html_table(eff_h, eff_rows), f"<p>{html_mod.escape(csv)}</p>"]
+        csv = (f"tables/{_slug(t['id'])}.csv", f"tables/{_slug(t['id'])}_efficiency.csv")
+        warns = per_table.get(t["id"], [])
+        md += [f"## {title}", "", sub, ""] + [f"> warning: {w}\n" for w in warns] + [
+            _md_table(score_h, score_rows), "", "Efficiency:", "",
+            _md_table(eff_h, eff_rows), "", f"CSV: {csv[0]}, {csv[1]}", ""]
+        html_tables.append({"title": title, "sub": sub, "warnings": warns, "scores": (score_h, score_rows),
+                            "efficiency": (eff_h, eff_rows), "n_key": len(t["key_cols"]), "csv": csv})
+    plots = []
     if result["plots"]:
         md += ["## Plots", ""]
-        h += ["<h2>Plots</h2>"]
         for p in result["plots"]:
             rel = Path(p).relative_to(out).as_posix()
             md += [f"![{Path(p).stem}]({rel})", ""]
-            h += [f"<p><img src='{rel}' alt='{Path(p).stem}'></p>"]
-    maps_md = mapping_tables(result.get("maps"))
-    md += [maps_md, ""]
-    h += ["<h2>Name mapping</h2>", "<pre>" + html_mod.escape(maps_md) + "</pre>", "</body></html>"]
+            plots.append({"src": rel, "alt": Path(p).stem})
+    md += [mapping_tables(result.get("maps")), ""]
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n".join(md))
-    html_path.write_text("\n".join(h))
+    html_path.write_text(render_html("dvlm_exp report", intro, general, html_tables, plots,
+                                     mapping_data(result.get("maps")), MAPPING_NOTE))
     return md_path, html_path
-
-
-def _html_table(header, rows) -> str:
-    import html as html_mod
-
-    head = "".join(f"<th>{html_mod.escape(str(c))}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{html_mod.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _slug(s: str) -> str:
@@ -895,27 +944,14 @@ def build_report(dirs, out, published=None, maps: dict | None = None, plots: boo
         "tables": [{"id": t["id"], "rows": len(t["scores"]), "benchmarks": t["benchmarks"],
                     "ours_cells": t["ours_cells"], "matched_cells": t["matched_cells"]} for t in built],
         "plots": [Path(p).name for p in plot_paths], "published": result["published"],
+        "warnings": result["warnings"],
     }
     (out / "summary.json").write_text(json.dumps(result["summary"], indent=2))
     return result
 
 
 def publish_wandb_report(result: dict, project: str, entity: str | None = None) -> str:
-    """Optional: a W&B Report (wandb-workspaces) with the tables as markdown and one panel grid per W&B group
-    of the collected runs (their sweep names). Needs WANDB_API_KEY and `pip install wandb-workspaces`; the
-    offline files (report.md / report.html) are the tested path. Returns the report URL."""
-    import wandb_workspaces.reports.v2 as wr  # noqa: PLC0415 - optional dependency
+    """A W&B Report per sweep (dvlm_exp/reporting/wandb_report.py); returns its URL."""
+    from dvlm_exp.reporting import wandb_report
 
-    md = (Path(result["summary"]["report_md"])).read_text()
-    groups = sorted({r["sweep"] for r in result["runs"] if r.get("sweep")})
-    blocks = [wr.H1("dvlm_exp report"), wr.MarkdownBlock(text=md)]
-    for g in groups:
-        blocks.append(wr.H2(g))
-        blocks.append(wr.PanelGrid(
-            runsets=[wr.Runset(entity=entity, project=project, name=g, filters=f"Metric('Group') = '{g}'")],
-            panels=[wr.ScatterPlot(x="flops/reduction", y="score"), wr.BarPlot(metrics=["score"])],
-        ))
-    report = wr.Report(entity=entity, project=project, title="dvlm_exp report",
-                       description=f"{len(result['runs'])} runs from {', '.join(result['inputs'])}", blocks=blocks)
-    report.save()
-    return report.url
+    return wandb_report.publish(result, project, entity)

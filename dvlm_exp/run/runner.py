@@ -175,7 +175,7 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
             record["loyalty"] = loyalty.compute(cfg, predictions, lambda: baseline_predictions(cfg, generator))
         if sink is not None:
             sink.log_record(record, predictions)
-            record["wandb"] = {"mode": sink.mode, "dir": str(run_dir / "wandb"), "run_id": sink.run.id}
+            record["wandb"] = {"mode": sink.mode, "dir": str(run_dir / "wandb"), "run_id": sink.run.id, "group": sink.group}
         rec_io.write_atomic(run_dir / "predictions.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in predictions))
         path = rec_io.write_results(run_dir, record)
         resume.clear_failed(run_dir)

@@ -22,7 +22,14 @@ Grouping and naming (the same for every sweep, so runs compare across sweeps in 
 Summary keys (`summary_metrics`): score (main metric on the paper's scale, dvlm_exp.reporting.report.main_score) and
 score_metric (what it is), keep_ratio / prune_start / prune_layer (the report's keys), metric/<name> (every
 numeric lmms-eval metric, task-independent names), <lmms task>/<name> (lmms-eval's own naming), and
-flops/*, tokens/* (+ tokens/kept_fraction), timing/*, memory/*, loyalty/* from results.json.
+flops/*, tokens/* (+ tokens/kept_fraction), timing/*, memory/*, loyalty/* from results.json. They are the
+run's summary only (run.summary), not a one-point history; the history holds the per-sample table.
+
+Run id (`run_id`): WANDB_RUN_ID when set (wandb's own setting), else one derived from the run dir's
+absolute path, so a job that runs again in its run dir (a requeued SLURM job, a re-run of a sweep) is the
+same W&B run: online it resumes it (resume="allow", or WANDB_RESUME when set); offline, each attempt
+writes its own offline-run-*-<id> dir with that id (wandb ignores resume offline), and `wandb sync`
+uploads them into the one run.
 """
 
 from __future__ import annotations
@@ -166,6 +173,16 @@ def summary_metrics(record: dict) -> dict:
     return summary
 
 
+def run_id(run_dir: Path, env=os.environ) -> str:
+    """The W&B run id of the job in run_dir: WANDB_RUN_ID when set, else "dvlm-" + 20 hex digits of the
+    sha1 of the run dir's absolute path (the same dir, the same run: requeues resume it)."""
+    if env.get("WANDB_RUN_ID"):
+        return env["WANDB_RUN_ID"]
+    import hashlib
+
+    return "dvlm-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:20]
+
+
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 ONLINE_CHECK_TIMEOUT_S = 10.0
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older spellings
@@ -264,7 +281,7 @@ class WandbSink:
         self.tags = run_tags(cfg, hctx)
         kwargs = dict(project=lc.get("project", "dvlm_exp"), entity=lc.get("entity"), group=self.group,
                       name=resolve_name(cfg, hctx), job_type=lc.get("job_type"), config=resolved, dir=str(run_dir),
-                      tags=self.tags, reinit="create_new")
+                      tags=self.tags, reinit="create_new", id=run_id(run_dir))
         sync = f"`wandb sync {run_dir / 'wandb'}/offline-run-*` uploads it later"
         if mode == "online":
             problem = online_problem(base_url, key)
@@ -272,6 +289,8 @@ class WandbSink:
                 _warn(f"W&B online logging is off for this run: {problem}; logging offline to {run_dir / 'wandb'} "
                       f"instead ({sync}; WANDB_MODE=offline or logger.mode=offline skips this check)")
                 mode = "offline"
+        if mode == "online":  # wandb ignores resume offline (and warns): only an online run resumes
+            kwargs["resume"] = os.environ.get("WANDB_RESUME") or "allow"
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as e:  # noqa: BLE001 - W&B is a mirror: the run goes on, results.json is written
@@ -280,14 +299,14 @@ class WandbSink:
                   f"(results.json is written as usual; check WANDB_API_KEY / `wandb login` and WANDB_BASE_URL, "
                   f"or use WANDB_MODE=offline)")
             mode = "disabled"
+            kwargs.pop("resume", None)
             self.run = wandb.init(mode="disabled", **kwargs)
         self.mode = mode
 
     def log_record(self, record: dict, predictions: list[dict]) -> None:
         summary = summary_metrics(record)
         task = record["task"]
-        self.run.summary.update(summary)
-        self.run.log({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self.run.summary.update(summary)  # the summary only: no one-point history of each value
         if predictions:
             self.run.log({f"{task}/samples": samples_table(predictions)})
 
