@@ -63,7 +63,7 @@ def test_expected_sweeps_exist(sj):
                  "llada_fastv_grid", "redvtp_ratios", "smoke_tiny",
                  # issue 17: the LaViDa-Dream, AR-baseline and LaViDa Prefix-DLM tables
                  "study_table2", "study_table2_vtw", "lavida_dream_baseline", "llava15_baseline", "fastv_readme",
-                 "llava15_token_reduction", "llava15_visipruner", "lavida_prefix_nfe"):
+                 "llava15_token_reduction", "llava15_visipruner", "lavida_prefix_nfe", "redvtp_lavida"):
         assert name in NAMES
 
 
