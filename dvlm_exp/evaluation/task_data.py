@@ -37,7 +37,7 @@ LOCAL_BUILDERS = {"json", "csv", "parquet", "arrow", "text", "pandas", "imagefol
                   "webdataset", "xml", "sql", "generator"}
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv", ".txt", ".zip", ".tar")
 _TRUE = {"1", "on", "yes", "true"}
-_TASK_RE = re.compile(r"""^task:[ \t]*["']?([^"'\s#\[]+)["']?[ \t]*(?:#.*)?$""", re.M)
+_TASK_RE = re.compile(r"""^task[ \t]*:[ \t]*["']?([^"'\s#\[]+)["']?[ \t]*(?:#.*)?$""", re.M)
 _GROUP_RE = re.compile(r"""^group:[ \t]*["']?([^"'\s#\[]+)["']?[ \t]*(?:#.*)?$""", re.M)
 _HUB_LOAD_RE = re.compile(r"""load_dataset\(\s*["']([\w.\-]+/[\w.\-]+)["']\s*,\s*["']([^"']+)["']""")
 _VIDEO_LAYOUT = {  # where lmms-eval's utils look for the files, for the error messages
