@@ -51,18 +51,32 @@ CREATED: set[str] = set()  # run dirs new_dir made in this process (dvlm_exp.res
 def new_dir(base: str) -> str:
     """A run dir nobody else has: `base` itself when it does not exist yet, else `base-2`, `base-3`, ...
     Claimed with an exclusive mkdir, so two runs started in the same second (same `${now:...}`)
-    get two dirs. Resolved once per config (the resolver is cached)."""
+    get two dirs. Resolved once per config (the resolver is cached); used for the single-run dir only
+    (a sweep dir is resolved again while sweep files are merged, and must stay one dir per sweep)."""
     base_path = Path(base)
     base_path.parent.mkdir(parents=True, exist_ok=True)
     for i in range(1, 10_000):
         cand = base_path if i == 1 else base_path.with_name(f"{base_path.name}-{i}")
         try:
             cand.mkdir()
+            if not CREATED:
+                import atexit
+
+                atexit.register(_drop_unused)
             CREATED.add(os.path.realpath(cand))
             return str(cand)
         except FileExistsError:
             continue
     raise OSError(f"no free run dir next to {base_path}")
+
+
+def _drop_unused() -> None:
+    """At exit: remove the dirs new_dir claimed that stayed empty (a config resolved only to be shown)."""
+    for d in CREATED:
+        try:
+            os.rmdir(d)  # only an empty dir
+        except OSError:
+            pass
 
 
 def register_resolvers() -> None:
