@@ -255,14 +255,13 @@ def _prune_text(c: dict, info: dict | None) -> str:
 def summary_text(rec: dict, path: Path) -> str:
     c = rec["config"]
     prune = _prune_text(c, rec.get("prune_preset"))
-    how = ""
     metrics = ", ".join(f"{k.split(',')[0]}={v:.4f}" for k, v in rec["metrics"].items()
                         if isinstance(v, (int, float)) and "stderr" not in k)
     f, t, tok = rec["flops"], rec["timing"], rec["tokens"]
     vis = tok["visual_per_sample"]
     vis_avg = sum(vis) / len(vis) if vis else 0
     return "\n".join([
-        f"dvlm_exp | model={c['model']['name']} prune={prune}{how} task={rec['task']} samples={rec['n_samples']}",
+        f"dvlm_exp | model={c['model']['name']} prune={prune} task={rec['task']} samples={rec['n_samples']}",
         f"  accuracy  {metrics}",
         f"  FLOPs     {f['total'] / 1e9:.3f} GFLOP vs baseline {f['baseline_total'] / 1e9:.3f} GFLOP "
         f"-> reduction {100 * f['reduction']:.1f}% ({f['convention']})",
@@ -366,8 +365,8 @@ def main(cfg: DictConfig) -> float | None:
     except (resume.Interrupted, KeyboardInterrupt) as e:  # no record: the same command resumes
         say(f"error: {journal.interrupted_message(e)}", err=True)
         sys.exit(e.exit_code if isinstance(e, resume.Interrupted) else 130)
-    except rec_io.WriteError as e:  # read-only or full disk: one line, not a chain of tracebacks
-        say(f"error: {e}", err=True)
+    except rec_io.WriteError as e:  # read-only or full disk: one line, not a chain of tracebacks (not via run.log)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         try:
             resume.write_failed(run_dir, e, cfg)
         except OSError:

@@ -116,9 +116,18 @@ def test_method_defaults_named_in_summary(tmp_path):
 
 def test_config_error_leaves_no_run_dir(tmp_path):
     """Item 9: a bad value is refused before Hydra makes a run dir (no dir holding failed.json)."""
+    import torch
+
     cwd, out = _dirs(tmp_path)
-    for args, msg in ((["seed=1.5"], "error: seed=1.5 must be a non-negative integer"),
-                      (["schedule=at_step", "schedule.step=4"], "error: schedule.step=4 is outside [0, 3]")):
+    cases = [(["seed=1.5"], "error: seed=1.5 must be a non-negative integer"),
+             (["schedule=at_step", "schedule.step=4"], "error: schedule.step=4 is outside [0, 3]"),
+             (["prune=fastvv"], "error: prune=fastvv: no config 'fastvv' in group 'prune' (did you mean prune=fastv?)"),
+             (["model=lavida_llada", "model.path=/nonexistent/lavida"],
+              "error: model.path=/nonexistent/lavida is not a directory: download it "
+              "(`hf download jacklishufan/lavida-llada-v1.0-instruct --local-dir /nonexistent/lavida`)")]
+    if not torch.cuda.is_available():
+        cases.append((["model.device=cuda"], "error: model.device=cuda but torch"))
+    for args, msg in cases:
         r = cli(args, cwd, out, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith(msg), (args, r.stderr[-1000:])
         assert "Traceback" not in r.stderr
