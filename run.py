@@ -3,8 +3,9 @@
 Thin Hydra entry point: the job lives in dvlm_exp.run.runner (imported lazily so that --help and
 config errors answer without loading torch or lmms-eval). Runs in the project's .venv when no
 environment is active (dvlm_exp/_venv.py). Before Hydra runs, the command line is checked
-(dvlm_exp.run.validate.check_overrides: syntax, config-group options, key names): bad input ends
-with one `error:` line and exit code 2.
+(dvlm_exp.run.validate.check_overrides: syntax, config-group options, key names), then every job it
+would launch (dvlm_exp.run.sweep_check: values, ranges, checkpoint): bad input ends with one `error:`
+line and exit code 2, nothing run and no run dir made.
 """
 
 import sys
@@ -28,11 +29,15 @@ def main(cfg: DictConfig):
 
 
 def check_command_line(argv: list[str]) -> None:
+    """The command line (syntax, options, keys), then every job it would launch (values, ranges,
+    checkpoint, data), before Hydra creates a run dir: bad input exits 2 and runs nothing."""
+    from dvlm_exp.run.sweep_check import command_jobs_check
     from dvlm_exp.errors import ConfigError
     from dvlm_exp.run.validate import check_overrides
 
     try:
         check_overrides(argv, CONF_DIR)
+        command_jobs_check(argv, CONF_DIR)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -40,4 +45,11 @@ def check_command_line(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     check_command_line(sys.argv[1:])
-    main()
+    try:
+        main()
+    finally:  # a multirun whose jobs failed: name every one of them (Hydra names the first only)
+        from dvlm_exp.run.sweep_check import failed_jobs_message
+
+        msg = failed_jobs_message()
+        if msg:
+            print(msg, file=sys.stderr, flush=True)

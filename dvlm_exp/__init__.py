@@ -5,3 +5,7 @@ by the runner so that `python run.py --help` and config errors answer fast.
 """
 
 __version__ = "0.1.0"
+
+from dvlm_exp.run.paths import register_resolvers as _register_resolvers  # noqa: E402
+
+_register_resolvers()  # ${dvlm_root:}, ${dvlm_outputs:}, ${dvlm_new_dir:...} in conf/config.yaml (dvlm_exp/run/paths.py)

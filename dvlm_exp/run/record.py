@@ -47,6 +47,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the mode open() would (a group may read)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -61,6 +62,20 @@ def write_atomic(path: Path, text: str) -> None:
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise WriteError(path, e) from e
         raise
+
+
+def _umask() -> int:
+    """The process's umask (Linux reads it without changing it; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def write_results(run_dir: str | Path, record: dict) -> Path:

@@ -166,6 +166,29 @@ def exit_nonzero_at_exit(code: int = 1) -> None:
     atexit.register(_exit)
 
 
+_HYDRA_ONLY = {".hydra", ".dvlm_lock", JOURNAL_DIR}
+
+
+def discard_new_run_dir(run_dir: Path) -> bool:
+    """Remove a run dir that this process created (a default `${dvlm_new_dir:...}` one) and that holds
+    only Hydra's files, the lock and the job's log: a run refused for bad input leaves no run dir that
+    looks like a run. A dir given with hydra.run.dir, or holding anything else, stays."""
+    from dvlm_exp.run.paths import CREATED
+
+    real = os.path.realpath(run_dir)
+    if real not in CREATED:
+        return False
+    try:
+        names = {p.name for p in Path(real).iterdir()}
+    except OSError:
+        return False
+    if any(n not in _HYDRA_ONLY and not n.endswith(".log") for n in names):
+        return False
+    shutil.rmtree(real, ignore_errors=True)
+    CREATED.discard(real)
+    return True
+
+
 def clear_failed(run_dir: Path) -> None:
     try:
         (Path(run_dir) / FAILED).unlink()

@@ -7,6 +7,7 @@ inside the functions that need them, after the config has been checked.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -113,17 +114,51 @@ def build_record(cfg: DictConfig, generator, res: dict, predictions: list, wall_
     }
 
 
+def prune_preset(cfg: DictConfig) -> dict:
+    """Which prune preset ran and how it differs from its method's own defaults (conf/prune/<method>.yaml):
+    `{"preset": "sandbox_fastv", "method": "fastv", "non_default": {"query_set": "masked_response"}}`.
+    The preset is Hydra's choice (`prune=...`, conf/prune/ or sweeps/prune/); outside Hydra, the method."""
+    method = str(cfg.prune.name)
+    preset = method
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            preset = str(HydraConfig.get().runtime.choices.get("prune") or method)
+    except Exception:  # noqa: BLE001 - no Hydra context: the method's name
+        pass
+    defaults_file = CONF_DIR / "prune" / f"{method}.yaml"
+    defaults = OmegaConf.to_container(OmegaConf.load(defaults_file)) if defaults_file.is_file() else {}
+    defaults.pop("defaults", None)
+    ran = OmegaConf.to_container(cfg.prune, resolve=True)
+    non_default = {k: v for k, v in ran.items() if k not in defaults or defaults[k] != v}
+    return {"preset": preset, "method": method, "non_default": non_default}
+
+
+def _prune_text(c: dict, info: dict | None) -> str:
+    """`prune=sandbox_fastv (fastv; non-default query_set=masked_response; layer=2, ratio=0.1)`."""
+    prune = c["prune"]["name"]
+    info = info or {"preset": prune, "method": prune, "non_default": {}}
+    parts = []
+    if info["preset"] != prune:
+        parts.append(prune)
+    nd = info.get("non_default") or {}
+    parts.append("non-default " + ", ".join(f"{k}={v}" for k, v in nd.items()) if nd else "method defaults")
+    if prune != "none":
+        parts.append(f"layer={c['prune'].get('layer')}, ratio={c['ratio']}")
+    return f"{info['preset']} ({'; '.join(parts)})"
+
+
 def summary_text(rec: dict, path: Path) -> str:
     c = rec["config"]
-    prune = c["prune"]["name"]
-    how = "" if prune == "none" else f"(layer={c['prune'].get('layer')}, ratio={c['ratio']})"
+    prune = _prune_text(c, rec.get("prune_preset"))
     metrics = ", ".join(f"{k.split(',')[0]}={v:.4f}" for k, v in rec["metrics"].items()
                         if isinstance(v, (int, float)) and "stderr" not in k)
     f, t, tok = rec["flops"], rec["timing"], rec["tokens"]
     vis = tok["visual_per_sample"]
     vis_avg = sum(vis) / len(vis) if vis else 0
     return "\n".join([
-        f"dvlm_exp | model={c['model']['name']} prune={prune}{how} task={rec['task']} samples={rec['n_samples']}",
+        f"dvlm_exp | model={c['model']['name']} prune={prune} task={rec['task']} samples={rec['n_samples']}",
         f"  accuracy  {metrics}",
         f"  FLOPs     {f['total'] / 1e9:.3f} GFLOP vs baseline {f['baseline_total'] / 1e9:.3f} GFLOP "
         f"-> reduction {100 * f['reduction']:.1f}% ({f['convention']})",
@@ -170,6 +205,7 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
             res, predictions = evaluate(cfg, generator)
         record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
         record["model_fingerprint"] = model_fingerprint(cfg)  # resume.completed: same config, same weights
+        record["prune_preset"] = prune_preset(cfg)  # which preset ran, and what differs from its method's defaults
         record["judge"] = judging.record_info(cfg, judge_cfg, judge, predictions)  # null: no judge (predict-only)
         if cfg.get("loyalty"):
             record["loyalty"] = loyalty.compute(cfg, predictions, lambda: baseline_predictions(cfg, generator))
@@ -180,14 +216,24 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
         path = rec_io.write_results(run_dir, record)
         resume.clear_failed(run_dir)
         if journal.replayed:
-            print(journal.summary(), flush=True)
+            say(journal.summary())
         journal.remove()
-        print(summary_text(record, path), flush=True)
+        say(summary_text(record, path))
         exit_code = 0
         return record
     finally:
         if sink is not None:
             sink.finish(exit_code)
+
+
+def say(msg: str, err: bool = False) -> None:
+    """A line for the user: stdout (stderr for `err`) and, under Hydra, the run's run.log too
+    (the loggers of conf/hydra/job_logging/dvlm.yaml); a plain print elsewhere (tests, scripts)."""
+    lg = logging.getLogger("dvlm_exp.say_err" if err else "dvlm_exp.say")
+    if lg.handlers:
+        (lg.error if err else lg.info)(msg)
+    else:
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -205,8 +251,8 @@ def main(cfg: DictConfig) -> float | None:
         # a requeued SLURM job may start while its previous attempt is still exiting: wait a little
         with resume.RunDirLock(run_dir, hc.overrides.task, wait_s=60 if in_submitit else 0), \
                 resume.interrupts_raise(term=not in_submitit):
-            return _job(cfg, run_dir, journal, in_submitit)
-    except resume.RunDirBusy as e:  # nothing in run_dir is touched: it belongs to the other run
+            return _job(cfg, run_dir, journal, in_submitit, one_run)
+    except resume.RunDirBusy as e:  # nothing in run_dir is touched: it belongs to the other run (not its run.log)
         print(f"error: {e}", file=sys.stderr, flush=True)
         if one_run:
             sys.exit(2)
@@ -214,9 +260,9 @@ def main(cfg: DictConfig) -> float | None:
             resume.exit_nonzero_at_exit(2)
         raise
     except (resume.Interrupted, KeyboardInterrupt) as e:  # no record: the same command resumes
-        print(f"error: {journal.interrupted_message(e)}", file=sys.stderr, flush=True)
+        say(f"error: {journal.interrupted_message(e)}", err=True)
         sys.exit(e.exit_code if isinstance(e, resume.Interrupted) else 130)
-    except rec_io.WriteError as e:  # read-only or full disk: one line, not a chain of tracebacks
+    except rec_io.WriteError as e:  # read-only or full disk: one line, not a chain of tracebacks (not via run.log)
         print(f"error: {e}", file=sys.stderr, flush=True)
         try:
             resume.write_failed(run_dir, e, cfg)
@@ -229,22 +275,25 @@ def main(cfg: DictConfig) -> float | None:
         raise
 
 
-def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submitit: bool) -> float | None:
+def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submitit: bool,
+         one_run: bool = False) -> float | None:
     done = resume.completed(run_dir, cfg, lambda: model_fingerprint(cfg))
     if done is not None:  # a re-launched sweep only re-runs unfinished jobs
-        print(f"skip: {run_dir} already complete", flush=True)
+        say(f"skip: {run_dir} already complete")
         return _main_metric(done)
     if in_submitit:
         _limit_threads()
     try:
         record = run(cfg, run_dir, journal)
     except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say(f"error: {e}", err=True)
+        if one_run:  # bad input (run.py checked the config before Hydra ran; this is what only the job sees)
+            resume.discard_new_run_dir(run_dir)  # a run dir this run created holds nothing worth keeping
+            sys.exit(2)
         resume.write_failed(run_dir, e, cfg)
         if in_submitit:  # SystemExit would leave submitit without a result: let Hydra mark the job failed
             resume.exit_nonzero_at_exit()
-            raise
-        sys.exit(2)
+        raise  # a multirun job: failed.json, Hydra marks it failed and runs the others
     except rec_io.WriteError:
         raise  # main() reports it
     except Exception as e:  # recorded, then re-raised: Hydra reports the job failed, the multirun exits non-zero
@@ -255,7 +304,7 @@ def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submi
             details = f"no failed.json: {w}"
         if in_submitit:
             resume.exit_nonzero_at_exit()
-        print(f"error: job failed: {type(e).__name__}: {e} ({details})", file=sys.stderr, flush=True)
+        say(f"error: job failed: {type(e).__name__}: {e} ({details})", err=True)
         raise
     return _main_metric(record)
 

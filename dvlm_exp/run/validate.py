@@ -31,6 +31,12 @@ SEED_MAX = 2**32 - 1  # numpy's seed range (lmms-eval seeds numpy with `seed`)
 BOOL_KEYS = ("loyalty", "progress", "resume_cache", "model.resize_vocab")
 
 
+# model= -> the released checkpoint a missing model.path should be downloaded from (conf/model/*.yaml comments)
+HUB_IDS = {"llada_v": "GSAI-ML/LLaDA-V", "lavida_llada": "jacklishufan/lavida-llada-v1.0-instruct",
+           "lavida_dream": "jacklishufan/lavida-dream-v1.0-instruct", "llava_1_5": "llava-hf/llava-1.5-7b-hf",
+           "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf"}
+
+
 def model_depth(cfg: DictConfig) -> int:
     """Decoder layers of the configured model, from the tiny spec or the checkpoint's config.json."""
     from dvlm_exp.models.checkpoint import CheckpointError, read_config
@@ -38,11 +44,19 @@ def model_depth(cfg: DictConfig) -> int:
     m = cfg.model
     if m.get("tiny") is not None:
         return int(m.tiny.num_hidden_layers)
+    hub = HUB_IDS.get(str(m.name))
+    fetch = (f"; e.g. `hf download {hub} --local-dir /path/to/{hub.split('/')[-1]}` on a machine with internet"
+             if hub else "")
     if OmegaConf.is_missing(m, "path") or m.get("path") in (None, ""):
-        raise ConfigError(f"model={m.name} needs model.path=/path/to/checkpoint (a local copy of the released weights)")
+        raise ConfigError(f"model={m.name} needs model.path=/path/to/checkpoint (a local copy of the released weights{fetch})")
     try:
         from dvlm_exp.run.paths import resolve_path
 
+        if not resolve_path(m.path).is_dir():  # named per model (the checkpoint module's message names LLaDA-V)
+            hint = (f"download it (`hf download {hub} --local-dir {m.path}`) on a machine with internet"
+                    if hub else "download the checkpoint")
+            raise ConfigError(f"model.path={m.path} is not a directory: {hint}, or point model.path at an "
+                              f"existing copy of model={m.name}'s checkpoint")
         c = read_config(resolve_path(m.path), m.get("model_type", "llava_llada"))
         if "num_hidden_layers" not in c and isinstance(c.get("text_config"), dict):  # llava-hf: nested text config
             from dvlm_exp.models.llava_layout import text_num_layers
@@ -355,7 +369,7 @@ def _explain(e: Exception, job: list, compose_fn, conf_dir: Path) -> Exception:
         opts = sorted(str(x) for x in e.options)
         close = difflib.get_close_matches(name, opts, n=1, cutoff=0.6)
         where = [f"conf/{group}/" for d in [conf_dir / group] if d.is_dir()]
-        where += [f"sweeps/{group}/" for d in [Path("sweeps") / group] if d.is_dir()]  # the search path, from the cwd
+        where += [f"sweeps/{group}/" for d in [conf_dir.parent / "sweeps" / group] if d.is_dir()]  # the project's sweeps/
         hint = f" (did you mean {group}={close[0]}?)" if close else ""
         files = f" (the yaml files in {' and '.join(where)})" if where else ""
         return ConfigError(f"{group}={name}: no config '{name}' in group '{group}'{hint}; use one of: {', '.join(opts)}{files}")
