@@ -7,12 +7,12 @@ values. dvlm_exp.validate reads this; a new method adds one entry.
 
 from __future__ import annotations
 
-from dvlm_exp.pruning.fastv_queries import QUERY_SETS
+from dvlm_exp.pruning.fastv_queries import ORDERS, QUERY_SETS, SCORES
 
 SPECS: dict[str, dict] = {
     "none": {"layers": {}, "choices": {}},
     "random": {"layers": {"layer": 0}, "choices": {}},
-    "fastv": {"layers": {"layer": 1}, "choices": {"query_set": QUERY_SETS}},
+    "fastv": {"layers": {"layer": 1}, "choices": {"query_set": QUERY_SETS, "score": SCORES, "order": ORDERS}},
     "redvtp": {"layers": {}, "choices": {"query_set": ("masked_response", "response")}},
     "sparsevlm": {"layers": {"layers": 1}, "choices": {"version": ("v1", "v2"), "query_set": ("raters", "text"),
                                                       "ratio_target": ("layer_average", "last", "none")}},
