@@ -261,3 +261,52 @@ def test_study_fastv_later_step_matches_port(golden_model, inputs, port_step):
     s, nv = int(vis[0]), int(vis.numel())
     ref = naive_generate(golden_model, seq.prompt_embeds, s, nv, 16, 8, 8, fastv_port_act(0, port_step, s, nv, 0.25))
     assert (out, trace, kept) == ref
+
+
+# ----------------------------------------------------------------------------------------------
+# DivPrune: LLaDA-V/eval/llava_divprune/model/llava_arch.py
+#   prepare_inputs_labels_for_multimodal (anyres branch, START_COMPRESSION_MODE): on the image's
+#     features after the newline column and the base view, k_keep = round(keep_ratio * N),
+#     pivot = torch.randint(0, N, ()) (global generator), keep = min_max_greedy_search, gathered
+#     (sorted) before the LLM; the LLM sees the shorter sequence with positions 0..L'-1.
+#   min_max_greedy_search: x = normalize(f); max_sim = x @ x[pivot], max_sim[pivot] = inf; repeat
+#     cand = argmin(max_sim); max_sim = max(max_sim, x @ x[cand]); max_sim[cand] = inf; then
+#     torch.unique(kept, sorted=True).
+
+def divprune_port_keep(feats: torch.Tensor, ratio: float) -> torch.Tensor:
+    n = feats.shape[0]
+    k = round(ratio * n)
+    pivot = torch.randint(0, n, ())
+    x = torch.nn.functional.normalize(feats, p=2, dim=-1)
+    kept = [int(pivot)]
+    max_sim = x @ x[pivot]
+    max_sim[pivot] = float("inf")
+    for _ in range(k - 1):
+        cand = torch.argmin(max_sim)
+        kept.append(cand.item())
+        max_sim = torch.maximum(max_sim, x @ x[cand])
+        max_sim[cand] = float("inf")
+    return torch.unique(torch.tensor(kept, dtype=torch.long), sorted=True)
+
+
+@pytest.mark.parametrize("image", IMAGES)
+@pytest.mark.parametrize("gen", GENS, ids=lambda g: "g%d_b%d_s%d" % g)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_study_divprune_matches_port(golden_model, inputs, image, gen, ratio):
+    seed = 1234 + int(ratio * 100) + gen[0]  # the sample's seed (Generator.generate seeds both generators)
+    method, position_ids, p = preset("study_divprune", ratio)
+    assert (p["pivot"], p["greedy"], p["layer"], p["rounding"], position_ids) == \
+        ("random", "min_max_similarity", 0, "round", "renumber")
+    ids, img = inputs[image]
+    method.reseed(seed)
+    out, trace, kept, seq = run_ours(golden_model, ids, img, *gen, method, position_ids, 0)
+    vis = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    s, nv = int(vis[0]), int(vis.numel())
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        keep = divprune_port_keep(seq.prompt_embeds[s:s + nv].float(), ratio)
+    short = torch.cat([seq.prompt_embeds[:s], seq.prompt_embeds[s:s + nv][keep], seq.prompt_embeds[s + nv:]])
+    ref_out, ref_trace, _ = naive_generate(golden_model, short, s, keep.numel(), *gen, lambda step: (None, {}))
+    assert kept == keep.tolist()
+    assert out == ref_out
+    assert trace == ref_trace
