@@ -310,3 +310,48 @@ def test_study_divprune_matches_port(golden_model, inputs, image, gen, ratio):
     assert kept == keep.tolist()
     assert out == ref_out
     assert trace == ref_trace
+
+
+# ----------------------------------------------------------------------------------------------
+# VTW: LLaDA-V/eval/llava_vtw/model/language_model/modeling_llada.py
+#   LLaDADecoderLayer.forward at VTW_PRUNING_LAYER (after the attention residual): the whole visual
+#     span [s, s+nv) is dropped; LLaDAAttention.adjust_position_ids_after_pruning renumbers the next
+#     layers; generate_with_embeds drops the span from x_embeds / x after the pruning forward
+#     (VTW_PRUNING_STEP), so every later forward runs without the image.
+
+def vtw_port_act(port_layer: int, port_step: int, s: int, nv: int):
+    def factory(step):
+        box = {}
+        if step != port_step:
+            return None, box
+
+        def act(li, h, score):
+            if li != port_layer:
+                return h, False
+            box["keep"] = torch.empty(0, dtype=torch.long)
+            return torch.cat([h[:s], h[s + nv:]]), True
+
+        return act, box
+
+    return factory
+
+
+@pytest.mark.parametrize("image", IMAGES)
+@pytest.mark.parametrize("gen", GENS, ids=lambda g: "g%d_b%d_s%d" % g)
+@pytest.mark.parametrize("port_step", [0, 2])
+def test_study_vtw_matches_port(golden_model, inputs, image, gen, port_step):
+    # VTW_PRUNING_LAYER = 15 -> K = 16 in the preset; on the 3-layer tiny model the port's layer 0
+    # and 1 are K = 1 and 2 (the mapping K = layer + 1 checked on the preset itself).
+    method, position_ids, p = preset("study_vtw", 0.25)
+    assert (p["layer"], position_ids) == (16, "renumber")
+    port_layer = 1 if port_step == 0 else 0
+    method, position_ids, _ = preset("study_vtw", 0.25, layer=port_layer + 1)
+    ids, img = inputs[image]
+    out, trace, kept, seq = run_ours(golden_model, ids, img, *gen, method, position_ids, port_step)
+    vis = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    s, nv = int(vis[0]), int(vis.numel())
+    ref_out, ref_trace, ref_kept = naive_generate(golden_model, seq.prompt_embeds, s, nv, *gen,
+                                                  vtw_port_act(port_layer, port_step, s, nv))
+    assert kept == ref_kept == []
+    assert out == ref_out
+    assert trace == ref_trace
