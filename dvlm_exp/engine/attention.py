@@ -33,13 +33,19 @@ class ScoreRequest:
       keep_rows   `rows`  [r, n]     head-mean probabilities of each requested row (RedVTP)
       keep_heads  `heads` [h, r, n]  per-head probabilities (SparseVLM v2 head choice, VisiPruner)
       keep_values `values` [h, n, dh] the layer's value vectors, KV heads repeated (VisiPruner)
+    `aggregate` says how heads are reduced: "mean_softmax" (default: per-head softmax, then the
+    head mean) or "softmax_mean_logits" (softmax of the head-mean logits, no mask bias: the dMLLM
+    study's FastV port, LLaDA-V/eval/llava_fastv/.../modeling_llada.py scaled_dot_product_attention).
+    `column_sum` is the same total before the division by the rows (and heads).
     """
 
     query_index: torch.Tensor
     keep_rows: bool = False
     keep_heads: bool = False
     keep_values: bool = False
+    aggregate: str = "mean_softmax"
     column_mean: torch.Tensor | None = None
+    column_sum: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     heads: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -68,13 +74,18 @@ class ScoreRequest:
             logits = torch.matmul(rows[:, s : s + chunk], key.transpose(1, 2)) * scaling  # [h, c, n]
             if blocked is not None:
                 logits = logits.masked_fill(blocked(qi[s : s + chunk], cols)[None], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            total += probs.sum(dim=(0, 1))
+            if self.aggregate == "softmax_mean_logits":
+                total += torch.softmax(logits.mean(0), dim=-1).sum(0)
+                probs = torch.softmax(logits, dim=-1) if (self.keep_rows or self.keep_heads) else None
+            else:
+                probs = torch.softmax(logits, dim=-1)
+                total += probs.sum(dim=(0, 1))
             if self.keep_rows:
                 keep_rows.append(probs.mean(0))
             if self.keep_heads:
                 keep_heads.append(probs)
-        self.column_mean = total / (h * r)
+        self.column_sum = total
+        self.column_mean = total / (r if self.aggregate == "softmax_mean_logits" else h * r)
         if self.keep_rows:
             self.rows = torch.cat(keep_rows) if keep_rows else total.new_zeros(0, n)
         if self.keep_heads:

@@ -369,8 +369,13 @@ def _lm_head(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_keep(roles: torch.Tensor, keep_vis: torch.Tensor) -> torch.Tensor:
-    """Sorted sequence indices of all non-visual tokens plus the kept visual ones."""
+    """Sequence indices of all non-visual tokens plus the kept visual ones, in sequence order.
+    The kept visual tokens fill the slots of the kept visual tokens in the order `keep_vis`
+    gives them (sorted: unchanged; a score order re-orders them, the dMLLM study's FastV port)."""
     vis_idx = torch.nonzero(roles == Roles.VISUAL).squeeze(1)
     keep_mask = roles != Roles.VISUAL
     keep_mask[vis_idx[keep_vis]] = True
-    return torch.nonzero(keep_mask).squeeze(1)
+    out = torch.nonzero(keep_mask).squeeze(1)
+    if keep_vis.numel() > 1 and bool((keep_vis[1:] < keep_vis[:-1]).any()):
+        out[roles[out] == Roles.VISUAL] = vis_idx[keep_vis]
+    return out

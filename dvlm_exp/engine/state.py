@@ -79,7 +79,8 @@ class Sequence:
 class Decision:
     """A method's answer at one layer: which of the current visual tokens survive.
 
-    `keep`: sorted indices into the current visual tokens (may be empty: VTW). Optional merge:
+    `keep`: indices into the current visual tokens (may be empty: VTW), sorted; an unsorted
+    `keep` lays the kept visual tokens out in that order (engine._merge_keep). Optional merge:
     visual token `merge_src[i]` is folded into kept token `keep[merge_dst[i]]` with weight
     `merge_w[i]`; a kept token's own weight is `keep_w` (default 1). The kept token becomes the
     weighted mean of itself and what was folded into it, in place (it keeps its position).

@@ -14,6 +14,17 @@ First pick (`pivot`):
           own generator, reseeded per sample by the generator (`reseed`), so a sample's
           subset does not depend on which samples ran before it.
 
+Greedy search (`greedy`):
+  max_min_distance   the running minimum of D = 1 - cos over the full distance matrix, argmax
+                     (default, DivPrune's released code)
+  min_max_similarity the dMLLM study's port (LLaDA-V/eval/llava_divprune/model/llava_arch.py,
+                     min_max_greedy_search): features L2-normalised, similarities to each new
+                     pick as one matrix-vector product, running MAXIMUM of the similarity, argmin.
+                     The same search in exact arithmetic; float ties (1 - s rounds) can differ.
+  The port draws its pivot as torch.randint(0, N, ()) from the global generator; ours from the
+  method's generator reseeded per sample: the same draw when the global generator was seeded
+  with the sample's seed just before (tests/test_study_ports.py).
+
 All visual tokens of the request form one set (the study selects per image; with one image
 per request the two agree). Newline tokens are ordinary visual tokens, as in both codes.
 """
@@ -28,6 +39,7 @@ from dvlm_exp.pruning.base import PruneMethod
 from dvlm_exp.registry import PRUNERS
 
 PIVOTS = ("paper", "random")
+GREEDY = ("max_min_distance", "min_max_similarity")
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -65,16 +77,35 @@ def max_min_greedy(dist: torch.Tensor, k: int, first: int) -> torch.Tensor:
     return torch.sort(selected).values
 
 
+def min_max_similarity_greedy(feats: torch.Tensor, k: int, first: int) -> torch.Tensor:
+    """The study's port's search: sorted indices of k tokens, first pick `first`."""
+    x = F.normalize(feats, p=2, dim=-1)
+    n = x.shape[0]
+    k = max(1, min(int(k), n))
+    kept = [int(first)]
+    run = x @ x[first]
+    run[first] = float("inf")
+    for _ in range(k - 1):
+        j = int(torch.argmin(run))
+        kept.append(j)
+        run = torch.maximum(run, x @ x[j])
+        run[j] = float("inf")
+    return torch.sort(torch.tensor(kept, dtype=torch.long, device=feats.device)).values
+
+
 @PRUNERS.register("divprune")
 class DivPrune(PruneMethod):
     layer_fields = {"layer": 0}  # config fields holding decoder-layer indices: smallest legal value
-    choices = {"pivot": ("paper", "random")}
+    choices = {"pivot": PIVOTS, "greedy": GREEDY}
     name = "divprune"
 
-    def __init__(self, pivot: str = "paper", **kwargs):
+    def __init__(self, pivot: str = "paper", greedy: str = "max_min_distance", **kwargs):
         super().__init__(**kwargs)
         if pivot not in PIVOTS:
             raise ValueError(f"prune.pivot must be one of {', '.join(PIVOTS)}, got {pivot!r}")
+        if greedy not in GREEDY:
+            raise ValueError(f"prune.greedy must be one of {', '.join(GREEDY)}, got {greedy!r}")
+        self.greedy = greedy
         if self.layer < 0:
             raise ValueError("prune.layer must be >= 0")
         self.pivot = pivot
@@ -95,10 +126,15 @@ class DivPrune(PruneMethod):
 
     def select(self, view, scores=None) -> torch.Tensor:
         feats = view.hidden[0, view.visual_index]
+        n = feats.shape[0]
+        if self.greedy == "min_max_similarity" and self.pivot == "random":
+            first = int(torch.randint(0, n, (), generator=self.generator))
+            return min_max_similarity_greedy(feats, self.k(view), first)
         dist = cosine_distance(feats)
-        n = dist.shape[0]
         if self.pivot == "paper":
             first = paper_pivot(dist)
         else:
             first = int(torch.randint(0, n, (1,), generator=self.generator))
+        if self.greedy == "min_max_similarity":
+            return min_max_similarity_greedy(feats, self.k(view), first)
         return max_min_greedy(dist, self.k(view), first)
