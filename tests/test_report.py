@@ -176,12 +176,9 @@ def test_report_cells_match_results_json(tiny_sweep):
 @pytest.fixture(scope="module")
 def report_cli():
     """scripts/report.py as a module: its main(argv) is what the command runs (in-process: no second startup)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import report as report_script
-    finally:
-        sys.path.pop(0)
-    return report_script
+    from dvlm_exp.reporting import cli
+
+    return cli
 
 
 def test_report_without_published_and_default_out(tiny_sweep, report_cli, capsys):
@@ -295,7 +292,7 @@ def test_matching_rules():
 def test_relative_average():
     """Ours for "Avg (relative %)": mean of score / our baseline score over the benchmarks the paper averaged
     for that row, x100; empty when one is missing; over our baseline's benchmarks for a row the paper lacks."""
-    from dvlm_exp.reporting.report import AVG_LABEL, _fill_avg
+    from dvlm_exp.reporting.report.tables import AVG_LABEL, _fill_avg
 
     base, fv, new = ("M", "baseline", "1", "-"), ("M", "FastV", "0.5", "step0"), ("M", "Mine", "0.5", "step0")
     cells = {base + ("A",): {"ours": 50.0, "published": 60.0}, base + ("B",): {"ours": 2.0, "published": 3.0},

@@ -1,4 +1,4 @@
-"""The issue-17 sweeps joined to their published tables (dvlm_exp/reporting/report.py peer_keys / expand_readings).
+"""The issue-17 sweeps joined to their published tables (dvlm_exp/reporting/report/ peer_keys / expand_readings).
 
 For every new sweep (study_table2 + its VTW and baseline sweeps, fastv_readme, llava15_token_reduction,
 llava15_visipruner, llava15_baseline, lavida_prefix_nfe) a fake results tree is written from the sweep's

@@ -34,11 +34,8 @@ IGNORES_RATIO = {"none", "vtw", "visipruner", "skip"}
 
 @pytest.fixture(scope="module")
 def sj():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import sweep_jobs
-    finally:
-        sys.path.pop(0)
+    from dvlm_exp.run import sweep_jobs
+
     return sweep_jobs
 
 

@@ -75,11 +75,8 @@ def test_multirun_groups_by_sweep_name_else_sweep_dir(tmp_path):
     assert len(dirs) == 2
 
     # the dry run lists exactly the jobs Hydra launched, in launch order
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import sweep_jobs
-    finally:
-        sys.path.pop(0)
+    from dvlm_exp.run import sweep_jobs
+
     jobs, grid = sweep_jobs.expand("smoke_tiny", extra)
     assert grid == {"prune": 1, "ratio": 1, "sweep.name": 2}
     assert [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) for d in dirs] == jobs

@@ -53,7 +53,7 @@ def build_wandb_report(result: dict, project: str, entity: str, title: str = "dv
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
-    from dvlm_exp.reporting.report import _display, _md_table, published_warnings
+    from dvlm_exp.reporting.report.markdown import _display, _md_table, published_warnings
 
     if not entity:
         raise ValueError("a W&B report needs an entity (--wandb-entity, or wandb's default entity when online)")
