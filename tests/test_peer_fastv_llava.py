@@ -22,12 +22,10 @@ LLaVA-1.5's 576 tokens at the README's R = 25 / 50 / 75 % floor and round agree.
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
 from test_llava_ar import SpyFastV, _image, _naive_pruned_generate, _ref_inputs, _run, ckpts, ours  # noqa: F401
 
 
@@ -42,11 +40,7 @@ def eager_ref(ckpts):  # noqa: F811
 @pytest.fixture(scope="module")
 def readme_prune():
     """prune.* of the fastv_readme sweep's jobs, as they compose."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import sweep_jobs as sj
-    finally:
-        sys.path.pop(0)
+    from dvlm_exp.run import sweep_jobs as sj
     cfg = sj.compose(["+sweep=fastv_readme", "task=llava_gqa"])
     return {k: cfg.prune[k] for k in ("layer", "query_set", "rounding", "position_ids")}
 

@@ -124,17 +124,11 @@ def test_redvtp_preset_equals_redvtp_lavida_code(ratio, G, steps, img, models, s
 def test_redvtp_lavida_sweep_is_the_codes_definition():
     """Every job of the redvtp_lavida sweep runs what the test above checks: one block, first step,
     the code's options, no Prefix-DLM cache."""
-    import sys
 
     from omegaconf import OmegaConf
 
-    from conftest import REPO
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import sweep_jobs as sj
-    finally:
-        sys.path.pop(0)
+    from dvlm_exp.run import sweep_jobs as sj
     jobs, _ = sj.expand("redvtp_lavida")
     cfgs = [OmegaConf.to_container(sj.compose(j), resolve=True) for j in jobs[:: max(1, len(jobs) // 3)]]
     for c in cfgs:

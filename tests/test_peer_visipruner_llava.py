@@ -20,14 +20,12 @@ values so that each stage fires (tokens_threshold at a gap of the fusion layer's
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import REPO
 from test_llava_ar import _image, _ref_inputs, _run
 from dvlm_exp.models.llava_hf import LlavaHF
 from dvlm_exp.models.tiny_llava import write_checkpoint
@@ -49,11 +47,7 @@ def pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def preset():
     """prune.* of the llava15_visipruner sweep's jobs, as they compose."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import sweep_jobs as sj
-    finally:
-        sys.path.pop(0)
+    from dvlm_exp.run import sweep_jobs as sj
     cfg = sj.compose(["+sweep=llava15_visipruner", "task=llava_gqa"])
     p = {k: v for k, v in cfg.prune.items() if k != "name"}
     return p

@@ -11,7 +11,6 @@ numbers typed from the sources (published.yaml) and the metric values written he
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 import yaml
@@ -48,11 +47,7 @@ def tree(tmp_path_factory):
     from dvlm_exp.run.record import write_results
     from dvlm_exp.reporting.report import build_report
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import sweep_jobs as sj
-    finally:
-        sys.path.pop(0)
+    from dvlm_exp.run import sweep_jobs as sj
     root = tmp_path_factory.mktemp("peer_tree")
     ckpts = {}
     for model, name in CKPT.items():
