@@ -102,14 +102,14 @@ def test_single_run_outputs_log_modes_and_preset(tmp_path):
 
 def test_method_defaults_named_in_summary(tmp_path):
     """Item 8: `prune=fastv` says it ran FastV's own defaults (no hidden preset)."""
-    from dvlm_exp.run import runner
+    from dvlm_exp.run import build, runner
 
-    cfg = runner.compose_config(["prune=fastv", "prune.layer=3"])
+    cfg = build.compose_config(["prune=fastv", "prune.layer=3"])
     info = runner.prune_preset(cfg)
     assert info == {"preset": "fastv", "method": "fastv", "non_default": {"layer": 3}}
     c = {"prune": dict(cfg.prune), "ratio": cfg.ratio}
     assert runner._prune_text(c, info) == "fastv (non-default layer=3; layer=3, ratio=0.5)"
-    cfg = runner.compose_config(["prune=fastv"])
+    cfg = build.compose_config(["prune=fastv"])
     assert runner._prune_text({"prune": dict(cfg.prune), "ratio": 0.5}, runner.prune_preset(cfg)) == \
         "fastv (method defaults; layer=2, ratio=0.5)"
 

@@ -190,12 +190,12 @@ def test_requeued_job_is_the_same_run_and_summaries_are_not_history(tmp_path, mo
     """A job run twice in its run dir (a requeued SLURM job) logs under one W&B run id, derived from the run
     dir (another run dir: another id); the summary values are the run's summary, not a one-point history
     (the history holds only the per-sample table)."""
-    from dvlm_exp.run import runner
+    from dvlm_exp.run import build, runner
     from dvlm_exp.run.wandb_log import run_id
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
-    cfg = runner.compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "prune=fastv", *SMALL])
+    cfg = build.compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "prune=fastv", *SMALL])
     a, b = tmp_path / "job_a", tmp_path / "job_b"
     for d in (a, a, b):  # job a runs, is requeued into the same dir; job b is another job
         d.mkdir(exist_ok=True)
@@ -224,7 +224,7 @@ def test_online_run_resumes_its_id(tmp_path, monkeypatch):
     (wandb ignores it there and warns)."""
     import wandb
 
-    from dvlm_exp.run import runner, wandb_log
+    from dvlm_exp.run import build, wandb_log
 
     seen = []
 
@@ -239,7 +239,7 @@ def test_online_run_resumes_its_id(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb_log, "online_problem", lambda *a, **k: None)
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     monkeypatch.delenv("WANDB_RESUME", raising=False)
-    cfg = runner.compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "logger.mode=online"])
+    cfg = build.compose_config(["model=tiny", "task=synth_docvqa", "logger=wandb", "logger.mode=online"])
     for mode, resume_env, want in (("online", None, "allow"), ("online", "must", "must"), ("offline", None, None)):
         cfg.logger.mode = mode
         if resume_env:
