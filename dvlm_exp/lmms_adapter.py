@@ -17,6 +17,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from dvlm_exp.distributed import collective_device, is_padding
+
 
 class DvlmLMM(lmms):
     is_simple = True
@@ -41,7 +43,10 @@ class DvlmLMM(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         out = []
-        for req in tqdm(requests, desc="samples", disable=not self.progress, dynamic_ncols=True):
+        for req in tqdm(requests, desc="samples", disable=not self.progress or self.rank != 0, dynamic_ncols=True):
+            if is_padding(req):  # lmms-eval's filler for a shorter shard: its response is dropped
+                out.append("")
+                continue
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             images = self.load_visuals(visuals, where=f"{task} doc_id={doc_id}")
@@ -55,6 +60,10 @@ class DvlmLMM(lmms):
                                      "nfe": rec.n_forwards})
             out.append(text)
         return out
+
+    @property
+    def device(self) -> str:
+        return collective_device()  # lmms-eval's torchrun path puts its collectives' tensors here
 
     def video_max_frames(self) -> int:
         from dvlm_exp.models.llada_v import OFFICIAL_MAX_FRAMES_NUM

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dvlm_exp import distributed
 from dvlm_exp import judge as judging
 from dvlm_exp import loyalty
 from dvlm_exp import record as rec_io
@@ -142,7 +143,7 @@ def evaluate(cfg: DictConfig, generator, predict_only: bool | None = None) -> tu
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(cfg.task.get("builtin", False)))
     if predict_only is None:  # lmms-eval's own judge code without a judge: keep predictions, skip scoring
         predict_only = judging.lmms_predict_only(cfg)
-    res = simple_evaluate(
+    res = simple_evaluate(**distributed.evaluate_kwargs(),  # several ranks: lmms-eval's own sharding
         model=lm, tasks=[task_entry(cfg)], task_manager=tm, limit=cfg.limit, bootstrap_iters=0,
         log_samples=True, predict_only=predict_only, datetime_str=get_datetime_str(), random_seed=int(cfg.seed),
         numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed),
@@ -255,11 +256,13 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
     """Run one job into run_dir; returns the record. Nothing but the per-sample journal (`journal`,
     default: cfg's in run_dir) is written unless it completes."""
     check(cfg)
+    distributed.check(cfg)
     judge_cfg = judging.preflight(cfg)  # a configured judge must answer before any weight loads
     sink = None
     exit_code = 1
     try:
-        if cfg.logger.name == "wandb":
+        dist = distributed.setup(cfg, run_dir)  # several ranks (torchrun, SLURM tasks): rank 0 writes
+        if cfg.logger.name == "wandb" and dist.main:
             from dvlm_exp.wandb_log import WandbSink
 
             sink = WandbSink(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir)
@@ -271,7 +274,19 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
         journal.attach(generator)
         with judging.session(cfg, judge_cfg) as judge:
             res, predictions = evaluate(cfg, generator)
+        if dist.active:  # every rank's predictions and sample records to rank 0; the others are done
+            stats = {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_memory_bytes(),
+                     "replayed": journal.replayed, "generated": journal.generated}
+            gathered = distributed.gather(dist, generator, predictions, stats)
+            if gathered is None:
+                if journal.replayed:
+                    print(f"rank {dist.rank}: {journal.summary()}", flush=True)
+                exit_code = 0
+                return None
+            predictions, per_rank = gathered
         record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
+        if dist.active:
+            distributed.annotate(record, dist, per_rank)
         record["model_fingerprint"] = model_fingerprint(cfg)  # resume.completed: same config, same weights
         record["judge"] = judging.record_info(cfg, judge_cfg, judge, predictions)  # null: no judge (predict-only)
         if cfg.get("loyalty"):
@@ -302,6 +317,7 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    distributed.launch_env()  # a SLURM job of several tasks: RANK, WORLD_SIZE, ... from submitit
     one_run = hc.mode == RunMode.RUN and not in_submitit  # else: fail this job, let the others run
     journal = resume.SampleJournal(run_dir, cfg, enabled=bool(cfg.get("resume_cache", True)))
     try:
@@ -352,8 +368,7 @@ def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submi
         raise  # main() reports it
     except Exception as e:  # recorded, then re-raised: Hydra reports the job failed, the multirun exits non-zero
         try:
-            resume.write_failed(run_dir, e, cfg)
-            details = f"details: {run_dir / resume.FAILED}"
+            details = f"details: {resume.write_failed(run_dir, e, cfg)}"
         except rec_io.WriteError as w:  # say what failed, not only that failed.json could not be written
             details = f"no failed.json: {w}"
         if in_submitit:
@@ -363,7 +378,9 @@ def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submi
     return _main_metric(record)
 
 
-def _main_metric(record: dict) -> float | None:
+def _main_metric(record: dict | None) -> float | None:
+    if record is None:  # a rank other than 0 of a multi-process job
+        return None
     vals = [v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and "stderr" not in k]
     return float(vals[0]) if vals else None
 
