@@ -162,7 +162,7 @@ def test_basic_launcher_failed_json_then_resume(tmp_path):
 
 def launch(*args, env_extra=None, background=False, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    for k in ("DVLM_FAIL_AFTER_SAMPLES", "DVLM_FAIL_ONLY", "DVLM_SAMPLE_SLEEP_S"):
+    for k in ("DVLM_FAIL_AFTER_SAMPLES", "DVLM_FAIL_ONLY", "DVLM_FAIL_RANK", "DVLM_SAMPLE_SLEEP_S"):
         if k not in (env_extra or {}):
             env.pop(k, None)
     cmd = [sys.executable, "run.py", "-m", LAUNCHER, *args]
@@ -313,3 +313,46 @@ def test_preempted_job_is_requeued_and_resumes(sweep3, tmp_path):
     ref = job_dirs(sweep3_dir)["fastv"]
     assert stable(read_results(run_dir)) == stable(read_results(ref))
     assert stable_predictions(run_dir) == stable_predictions(ref)
+
+
+# ---- one job on two SLURM tasks (data-parallel evaluation, dvlm_exp/distributed.py) -----------
+
+TWO_TASKS = ("hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4")  # the dev node's 2 CPUs, one per rank
+
+
+def test_two_task_job_equals_one_process(sweep3, tmp_path):
+    """hydra-submitit with tasks_per_node=2: both tasks run the job on lmms-eval's shards (gloo);
+    rank 0's one record equals the one-process fastv job of the 3-job sweep."""
+    from dvlm_exp.record import is_complete, read_results
+
+    p3, sweep3_dir, _ = sweep3
+    assert p3.returncode == 0
+    sweep = tmp_path / "sweep"
+    p = launch(*TWO_TASKS, "prune=fastv", "ratio=0.5", "limit=2", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    run_dir = job_dirs(sweep)["fastv"]
+    assert is_complete(run_dir)
+    rec, ref = read_results(run_dir), read_results(job_dirs(sweep3_dir)["fastv"])
+    assert stable(rec) == stable(ref) and rec["flops"]["total"] == ref["flops"]["total"]
+    assert stable_predictions(run_dir) == stable_predictions(job_dirs(sweep3_dir)["fastv"])
+    assert rec["timing"]["world_size"] == 2 and [r["n_samples"] for r in rec["timing"]["ranks"]] == [1, 1]
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert [f.name.split("_")[1] for f in logs] == ["0", "1"]  # one array task, two SLURM tasks
+    assert sacct_states(sweep, 1) == ["COMPLETED"]
+
+
+def test_two_task_job_with_a_dying_rank_fails(slurm, tmp_path):
+    """Rank 1 raises before its first sample: rank 0 loses its peer at the gather (gloo: connection
+    reset; srun also ends the step, SLURM_KILL_BAD_EXIT=1 in slurm.yaml, which is what stops an NCCL
+    rank that would wait); the sweep fails, no record, sacct says FAILED."""
+    sweep = tmp_path / "sweep"
+    t0 = time.perf_counter()
+    p = launch(*TWO_TASKS, "prune=fastv", "ratio=0.5", "limit=2", f"hydra.sweep.dir={sweep}",
+               env_extra={"DVLM_FAIL_AFTER_SAMPLES": "0", "DVLM_FAIL_RANK": "1"})
+    assert p.returncode != 0
+    run_dir = job_dirs(sweep)["fastv"]
+    assert not (run_dir / "results.json").exists() and not (run_dir / ".dvlm_complete").exists()
+    failed = json.loads((run_dir / "failed.rank1.json").read_text())
+    assert "simulated crash" in failed["error"] and failed["job"]["rank"] == 1
+    assert sacct_states(sweep, 1) == ["FAILED"]
+    assert time.perf_counter() - t0 < 300
