@@ -189,9 +189,15 @@ def gather(d: Dist, generator, predictions: list[dict], stats: dict):
 
 def annotate(record: dict, d: Dist, per_rank: list[dict]) -> None:
     """Per-rank timings and peak memory in rank 0's record (the record's `wall_s` is rank 0's,
-    which ends after every rank's shard); peak memory is the largest of the ranks."""
+    which ends after every rank's shard); peak memory is the largest of the ranks; judge calls are
+    every rank's (each rank's lmms-eval scores its own samples)."""
     record["timing"]["world_size"] = d.world_size
     record["timing"]["backend"] = d.backend
-    record["timing"]["ranks"] = [{k: v for k, v in r.items() if k != "peak_bytes"} for r in per_rank]
+    record["timing"]["ranks"] = [{k: v for k, v in r.items() if k not in ("peak_bytes", "judge_calls")}
+                                 for r in per_rank]
+    judge = record.get("judge")
+    if judge and "n_requests" in judge:
+        calls = [r["judge_calls"] or [0, 0] for r in per_rank]
+        judge["n_requests"], judge["n_failed"] = sum(c[0] for c in calls), sum(c[1] for c in calls)
     record["memory"]["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)
     record["memory"]["peak_bytes_per_rank"] = [r["peak_bytes"] for r in per_rank]

@@ -276,7 +276,8 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
             res, predictions = evaluate(cfg, generator)
         if dist.active:  # every rank's predictions and sample records to rank 0; the others are done
             stats = {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_memory_bytes(),
-                     "replayed": journal.replayed, "generated": journal.generated}
+                     "replayed": journal.replayed, "generated": journal.generated,
+                     "judge_calls": [judge.n_requests, judge.n_failed] if judge is not None else None}
             gathered = distributed.gather(dist, generator, predictions, stats)
             if gathered is None:
                 if journal.replayed:
@@ -285,10 +286,10 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
                 return None
             predictions, per_rank = gathered
         record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
-        if dist.active:
-            distributed.annotate(record, dist, per_rank)
         record["model_fingerprint"] = model_fingerprint(cfg)  # resume.completed: same config, same weights
         record["judge"] = judging.record_info(cfg, judge_cfg, judge, predictions)  # null: no judge (predict-only)
+        if dist.active:
+            distributed.annotate(record, dist, per_rank)
         if cfg.get("loyalty"):
             record["loyalty"] = loyalty.compute(cfg, predictions, lambda: baseline_predictions(cfg, generator))
         if sink is not None:
