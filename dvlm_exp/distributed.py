@@ -7,8 +7,9 @@ pads the shorter shards with copies of their last request (`_clone_padding_reque
 (`torch.distributed.gather_object`), which alone aggregates the metrics. The launchers only set
 the environment:
 
-- `torchrun --nproc_per_node=N run.py ... hydra.run.dir=<dir>` and `accelerate launch
-  --num_processes=N run.py ...` (both export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
+- `torchrun --nproc_per_node=N run.py ... hydra.run.dir=<dir>` and, on GPUs, `accelerate launch
+  --multi_gpu --num_processes=N run.py ...` (accelerate's multi_gpu_launcher runs torchrun): both
+  export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
 - SLURM through hydra-submitit (`hydra.launcher.tasks_per_node=N hydra.launcher.nodes=M`): every
   task runs the Hydra job; `launch_env` exports the same variables from the submitit task
   (`submitit.helpers.TorchDistributedEnvironment`).
