@@ -356,3 +356,47 @@ def test_two_task_job_with_a_dying_rank_fails(slurm, tmp_path):
     assert "simulated crash" in failed["error"] and failed["job"]["rank"] == 1
     assert sacct_states(sweep, 1) == ["FAILED"]
     assert time.perf_counter() - t0 < 300
+
+
+def test_two_task_job_is_requeued_and_resumes(sweep3, tmp_path):
+    """USR2 to a 2-task job once each rank has journaled its sample: submitit's rank 0 requeues the
+    job, the second attempt's ranks take their samples from the shared journal, and the record
+    equals the uninterrupted one-process fastv job of the 3-job sweep."""
+    from dvlm_exp.record import is_complete, read_results
+
+    p3, sweep3_dir, _ = sweep3
+    assert p3.returncode == 0
+    sweep = tmp_path / "sweep"
+    proc = launch(*TWO_TASKS, "prune=fastv", "ratio=0.5", "limit=2", f"hydra.sweep.dir={sweep}",
+                  env_extra={"DVLM_SAMPLE_SLEEP_S": "60"}, background=True)
+    job_id = None
+    try:
+        deadline = time.time() + 240
+        while len(list(sweep.glob("*/resume_cache/*/*.json"))) < 2:  # both ranks journaled, now sleeping
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no samples journaled in time"
+            time.sleep(0.5)
+        job_id = next(d.name for d in (sweep / ".submitit").iterdir() if d.is_dir())
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+        while proc.poll() is None:
+            assert time.time() < deadline + 240, "requeued job did not finish"
+            q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True)
+            if "BeginTime" in q.stdout:  # SLURM holds a requeued job ~2 minutes: release it
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], capture_output=True)
+            time.sleep(1)
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id], capture_output=True)
+    assert proc.returncode == 0, err[-3000:]
+    logs = job_logs(sweep)
+    assert "Requeued job" in logs, logs[-3000:]
+    run_dir = job_dirs(sweep)["fastv"]
+    assert is_complete(run_dir) and not (run_dir / "resume_cache").exists()
+    rec = read_results(run_dir)
+    assert [(r["replayed"], r["generated"]) for r in rec["timing"]["ranks"]] == [(1, 0), (1, 0)]
+    ref = job_dirs(sweep3_dir)["fastv"]
+    assert stable(rec) == stable(read_results(ref))
+    assert stable_predictions(run_dir) == stable_predictions(ref)
