@@ -4,7 +4,7 @@ cluster (scripts/slurm/up.sh).
 The session fixture brings the cluster up when it can: `sinfo` already answers, DVLM_SLURM=1, or
 this is root on a machine with apt-get (up.sh installs slurm-wlm + munge, ~15 s on a clean
 Debian 12, then ~0.3 s to start). Otherwise every test here is skipped with the reason.
-DVLM_SLURM=0 skips them. Each job imports lmms-eval (~10 s); the SLURM part takes ~2 min on 2
+DVLM_SLURM=0 skips them. Each job imports lmms-eval (~10 s); the SLURM part takes ~4 min on 2
 cores. The first three tests need no SLURM.
 """
 
