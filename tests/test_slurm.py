@@ -4,7 +4,7 @@ cluster (scripts/slurm/up.sh).
 The session fixture brings the cluster up when it can: `sinfo` already answers, DVLM_SLURM=1, or
 this is root on a machine with apt-get (up.sh installs slurm-wlm + munge, ~15 s on a clean
 Debian 12, then ~0.3 s to start). Otherwise every test here is skipped with the reason.
-DVLM_SLURM=0 skips them. Each job imports lmms-eval (~10 s); the SLURM part takes ~2 min on 2
+DVLM_SLURM=0 skips them. Each job imports lmms-eval (~10 s); the SLURM part takes ~4 min on 2
 cores. The first three tests need no SLURM.
 """
 
@@ -162,7 +162,7 @@ def test_basic_launcher_failed_json_then_resume(tmp_path):
 
 def launch(*args, env_extra=None, background=False, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    for k in ("DVLM_FAIL_AFTER_SAMPLES", "DVLM_FAIL_ONLY", "DVLM_SAMPLE_SLEEP_S"):
+    for k in ("DVLM_FAIL_AFTER_SAMPLES", "DVLM_FAIL_ONLY", "DVLM_FAIL_RANK", "DVLM_SAMPLE_SLEEP_S"):
         if k not in (env_extra or {}):
             env.pop(k, None)
     cmd = [sys.executable, "run.py", "-m", LAUNCHER, *args]
@@ -312,4 +312,91 @@ def test_preempted_job_is_requeued_and_resumes(sweep3, tmp_path):
     assert is_complete(run_dir) and not (run_dir / "resume_cache").exists()
     ref = job_dirs(sweep3_dir)["fastv"]
     assert stable(read_results(run_dir)) == stable(read_results(ref))
+    assert stable_predictions(run_dir) == stable_predictions(ref)
+
+
+# ---- one job on two SLURM tasks (data-parallel evaluation, dvlm_exp/run/distributed.py) -----------
+
+TWO_TASKS = ("hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4")  # the dev node's 2 CPUs, one per rank
+
+
+def test_two_task_job_equals_one_process(sweep3, tmp_path):
+    """hydra-submitit with tasks_per_node=2: both tasks run the job on lmms-eval's shards (gloo);
+    rank 0's one record equals the one-process fastv job of the 3-job sweep."""
+    from dvlm_exp.run.record import is_complete, read_results
+
+    p3, sweep3_dir, _ = sweep3
+    assert p3.returncode == 0
+    sweep = tmp_path / "sweep"
+    p = launch(*TWO_TASKS, "prune=fastv", "ratio=0.5", "limit=2", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    run_dir = job_dirs(sweep)["fastv"]
+    assert is_complete(run_dir)
+    rec, ref = read_results(run_dir), read_results(job_dirs(sweep3_dir)["fastv"])
+    assert stable(rec) == stable(ref) and rec["flops"]["total"] == ref["flops"]["total"]
+    assert stable_predictions(run_dir) == stable_predictions(job_dirs(sweep3_dir)["fastv"])
+    assert rec["timing"]["world_size"] == 2 and [r["n_samples"] for r in rec["timing"]["ranks"]] == [1, 1]
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert [f.name.split("_")[1] for f in logs] == ["0", "1"]  # one array task, two SLURM tasks
+    assert sacct_states(sweep, 1) == ["COMPLETED"]
+
+
+def test_two_task_job_with_a_dying_rank_fails(slurm, tmp_path):
+    """Rank 1 raises before its first sample: rank 0 loses its peer at the gather (gloo: connection
+    reset; srun also ends the step, SLURM_KILL_BAD_EXIT=1 in slurm.yaml, which is what stops an NCCL
+    rank that would wait); the sweep fails, no record, sacct says FAILED."""
+    sweep = tmp_path / "sweep"
+    t0 = time.perf_counter()
+    p = launch(*TWO_TASKS, "prune=fastv", "ratio=0.5", "limit=2", f"hydra.sweep.dir={sweep}",
+               env_extra={"DVLM_FAIL_AFTER_SAMPLES": "0", "DVLM_FAIL_RANK": "1"})
+    assert p.returncode != 0
+    run_dir = job_dirs(sweep)["fastv"]
+    assert not (run_dir / "results.json").exists() and not (run_dir / ".dvlm_complete").exists()
+    failed = json.loads((run_dir / "failed.rank1.json").read_text())
+    assert "simulated crash" in failed["error"] and failed["job"]["rank"] == 1
+    assert sacct_states(sweep, 1) == ["FAILED"]
+    assert time.perf_counter() - t0 < 300
+
+
+def test_two_task_job_is_requeued_and_resumes(sweep3, tmp_path):
+    """USR2 to a 2-task job once each rank has journaled its sample: submitit's rank 0 requeues the
+    job, the second attempt's ranks take their samples from the shared journal, and the record
+    equals the uninterrupted one-process fastv job of the 3-job sweep."""
+    from dvlm_exp.run.record import is_complete, read_results
+
+    p3, sweep3_dir, _ = sweep3
+    assert p3.returncode == 0
+    sweep = tmp_path / "sweep"
+    proc = launch(*TWO_TASKS, "prune=fastv", "ratio=0.5", "limit=2", f"hydra.sweep.dir={sweep}",
+                  env_extra={"DVLM_SAMPLE_SLEEP_S": "60"}, background=True)
+    job_id = None
+    try:
+        deadline = time.time() + 240
+        while len(list(sweep.glob("*/resume_cache/*/*.json"))) < 2:  # both ranks journaled, now sleeping
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no samples journaled in time"
+            time.sleep(0.5)
+        job_id = next(d.name for d in (sweep / ".submitit").iterdir() if d.is_dir())
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+        while proc.poll() is None:
+            assert time.time() < deadline + 240, "requeued job did not finish"
+            q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True)
+            if "BeginTime" in q.stdout:  # SLURM holds a requeued job ~2 minutes: release it
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], capture_output=True)
+            time.sleep(1)
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job_id:
+                subprocess.run(["scancel", job_id], capture_output=True)
+    assert proc.returncode == 0, err[-3000:]
+    logs = job_logs(sweep)
+    assert "Requeued job" in logs, logs[-3000:]
+    run_dir = job_dirs(sweep)["fastv"]
+    assert is_complete(run_dir) and not (run_dir / "resume_cache").exists()
+    rec = read_results(run_dir)
+    assert [(r["replayed"], r["generated"]) for r in rec["timing"]["ranks"]] == [(1, 0), (1, 0)]
+    ref = job_dirs(sweep3_dir)["fastv"]
+    assert stable(rec) == stable(read_results(ref))
     assert stable_predictions(run_dir) == stable_predictions(ref)

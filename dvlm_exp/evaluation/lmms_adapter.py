@@ -31,6 +31,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
+from dvlm_exp.run.distributed import collective_device, is_padding
+
 
 class DvlmLMM(lmms):
     is_simple = True
@@ -115,7 +117,10 @@ class DvlmLMM(lmms):
         if self.generator is None:
             self._build(sorted({req.args[4] for req in requests}))
         out = []
-        for req in tqdm(requests, desc="samples", disable=not self.progress, dynamic_ncols=True):
+        for req in tqdm(requests, desc="samples", disable=not self.progress or self.rank != 0, dynamic_ncols=True):
+            if is_padding(req):  # lmms-eval's filler for a shorter shard: its response is dropped
+                out.append(GenerationResult(text=""))
+                continue
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             images = self.load_visuals(visuals, where=f"{task} doc_id={doc_id}")
@@ -134,6 +139,10 @@ class DvlmLMM(lmms):
                 input_tokens=full - self.generator.preset.gen_length if full else None,
                 output_tokens=rec.generated_tokens)))
         return out
+
+    @property
+    def device(self) -> str:
+        return collective_device()  # lmms-eval's torchrun path puts its collectives' tensors here
 
     def video_max_frames(self) -> int:
         from dvlm_exp.models.llada_v import OFFICIAL_MAX_FRAMES_NUM

@@ -27,7 +27,8 @@
 
 Test hooks (environment, read in the job): DVLM_FAIL_AFTER_SAMPLES=N raises RuntimeError after
 N freshly generated samples (0 = before the first), only in jobs whose run-dir name contains
-DVLM_FAIL_ONLY when that is set; DVLM_SAMPLE_SLEEP_S=s sleeps after each generated sample of a
+DVLM_FAIL_ONLY when that is set (and, with DVLM_FAIL_RANK=r, only on rank r of a multi-process
+job); DVLM_SAMPLE_SLEEP_S=s sleeps after each generated sample of a
 job's first attempt (SLURM_RESTART_COUNT unset or 0), which gives a test time to preempt it.
 """
 
@@ -53,6 +54,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from dvlm_exp.run import distributed
 from dvlm_exp.run import record as rec_io
 
 FAILED = "failed.json"
@@ -123,7 +125,8 @@ def completed(run_dir: Path, cfg: DictConfig, fingerprint=None) -> dict | None:
 
 def job_info() -> dict:
     env = os.environ
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **distributed.info()}
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SUBMITIT_EXECUTOR"):
         if env.get(k):
             info[k.lower()] = env[k]
@@ -142,7 +145,7 @@ def write_failed(run_dir: Path, exc: BaseException, cfg: DictConfig | None = Non
             rec["config"] = OmegaConf.to_container(cfg, resolve=True)
         except Exception:  # noqa: BLE001 - the failure record must not fail
             rec["config"] = None
-    path = Path(run_dir) / FAILED
+    path = Path(run_dir) / distributed.rank_file(FAILED)  # failed.rank<r>.json on rank r > 0
     rec_io.write_atomic(path, json.dumps(rec, indent=2, default=str))
     return path
 
@@ -190,10 +193,11 @@ def discard_new_run_dir(run_dir: Path) -> bool:
 
 
 def clear_failed(run_dir: Path) -> None:
-    try:
-        (Path(run_dir) / FAILED).unlink()
-    except FileNotFoundError:
-        pass
+    for path in [Path(run_dir) / FAILED, *Path(run_dir).glob("failed.rank*.json")]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # ---- the per-sample journal ------------------------------------------------------------------
@@ -263,6 +267,8 @@ class SampleJournal:
         only = env.get("DVLM_FAIL_ONLY")
         fail = env.get("DVLM_FAIL_AFTER_SAMPLES")
         self.fail_after = int(fail) if fail not in (None, "") and (not only or only in Path(run_dir).name) else None
+        if env.get("DVLM_FAIL_RANK") not in (None, "", env.get("RANK", "0")):  # test hook: one rank dies
+            self.fail_after = None
         first_attempt = env.get("SLURM_RESTART_COUNT", "0") in ("", "0")
         self.sleep_s = float(env.get("DVLM_SAMPLE_SLEEP_S") or 0) if first_attempt else 0.0
 
@@ -393,7 +399,7 @@ class RunDirLock:
         key = str(self.run_dir)
         if key in self._held:
             return self
-        path = self.run_dir / LOCK
+        path = self.run_dir / distributed.rank_file(LOCK)  # each rank of a multi-process job its own
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -462,6 +468,10 @@ class LockRunDir(Callback):
             overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
         except Exception:  # noqa: BLE001 - a dir Hydra cannot resolve here: the job locks it itself
             return
+        problem = distributed.check_run_dir(OmegaConf.select(config, "hydra.overrides.hydra"))
+        if problem:  # torchrun/accelerate: each rank would resolve ${now:...} by itself
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(2)
         try:
             RunDirLock(run_dir, overrides).acquire()  # held until this process exits
         except (RunDirBusy, rec_io.WriteError) as e:

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dvlm_exp.evaluation import judge as judging
 from dvlm_exp.evaluation import loyalty
+from dvlm_exp.run import distributed
 from dvlm_exp.run import record as rec_io
 from dvlm_exp.run import resume
 from dvlm_exp.models.checkpoint import CheckpointError
-from dvlm_exp.run.paths import cache_dir
 from dvlm_exp.errors import ConfigError
 from dvlm_exp.run.build import CONF_DIR, build_generator, build_pruner, build_schedule, model_fingerprint, task_entry
 from dvlm_exp.run.validate import check
@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig, generator, predict_only: bool | None = None) -> tu
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(cfg.task.get("builtin", False)))
     if predict_only is None:  # lmms-eval's own judge code without a judge: keep predictions, skip scoring
         predict_only = judging.lmms_predict_only(cfg)
-    res = simple_evaluate(
+    res = simple_evaluate(**distributed.evaluate_kwargs(),  # several ranks: lmms-eval's own sharding
         model=lm, tasks=[task_entry(cfg)], task_manager=tm, limit=cfg.limit, bootstrap_iters=0,
         log_samples=True, predict_only=predict_only, datetime_str=get_datetime_str(), random_seed=int(cfg.seed),
         numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed),
@@ -187,11 +187,13 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
     """Run one job into run_dir; returns the record. Nothing but the per-sample journal (`journal`,
     default: cfg's in run_dir) is written unless it completes."""
     check(cfg)
+    distributed.check(cfg)
     judge_cfg = judging.preflight(cfg)  # a configured judge must answer before any weight loads
     sink = None
     exit_code = 1
     try:
-        if cfg.logger.name == "wandb":
+        dist = distributed.setup(cfg, run_dir)  # several ranks (torchrun, SLURM tasks): rank 0 writes
+        if cfg.logger.name == "wandb" and dist.main:
             from dvlm_exp.run.wandb_log import WandbSink
 
             sink = WandbSink(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir)
@@ -203,10 +205,23 @@ def run(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal | None = N
         journal.attach(generator)
         with judging.session(cfg, judge_cfg) as judge:
             res, predictions = evaluate(cfg, generator)
+        if dist.active:  # every rank's predictions and sample records to rank 0; the others are done
+            stats = {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_memory_bytes(),
+                     "replayed": journal.replayed, "generated": journal.generated,
+                     "judge_calls": [judge.n_requests, judge.n_failed] if judge is not None else None}
+            gathered = distributed.gather(dist, generator, predictions, stats)
+            if gathered is None:
+                if journal.replayed:
+                    print(f"rank {dist.rank}: {journal.summary()}", flush=True)
+                exit_code = 0
+                return None
+            predictions, per_rank = gathered
         record = build_record(cfg, generator, res, predictions, time.perf_counter() - t0)
         record["model_fingerprint"] = model_fingerprint(cfg)  # resume.completed: same config, same weights
         record["prune_preset"] = prune_preset(cfg)  # which preset ran, and what differs from its method's defaults
         record["judge"] = judging.record_info(cfg, judge_cfg, judge, predictions)  # null: no judge (predict-only)
+        if dist.active:
+            distributed.annotate(record, dist, per_rank)
         if cfg.get("loyalty"):
             record["loyalty"] = loyalty.compute(cfg, predictions, lambda: baseline_predictions(cfg, generator))
         if sink is not None:
@@ -245,6 +260,7 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    distributed.launch_env()  # a SLURM job of several tasks: RANK, WORLD_SIZE, ... from submitit
     one_run = hc.mode == RunMode.RUN and not in_submitit  # else: fail this job, let the others run
     journal = resume.SampleJournal(run_dir, cfg, enabled=bool(cfg.get("resume_cache", True)))
     try:
@@ -298,8 +314,7 @@ def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submi
         raise  # main() reports it
     except Exception as e:  # recorded, then re-raised: Hydra reports the job failed, the multirun exits non-zero
         try:
-            resume.write_failed(run_dir, e, cfg)
-            details = f"details: {run_dir / resume.FAILED}"
+            details = f"details: {resume.write_failed(run_dir, e, cfg)}"
         except rec_io.WriteError as w:  # say what failed, not only that failed.json could not be written
             details = f"no failed.json: {w}"
         if in_submitit:
@@ -309,7 +324,9 @@ def _job(cfg: DictConfig, run_dir: Path, journal: resume.SampleJournal, in_submi
     return _main_metric(record)
 
 
-def _main_metric(record: dict) -> float | None:
+def _main_metric(record: dict | None) -> float | None:
+    if record is None:  # a rank other than 0 of a multi-process job
+        return None
     vals = [v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and "stderr" not in k]
     return float(vals[0]) if vals else None
 
