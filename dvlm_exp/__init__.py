@@ -8,4 +8,7 @@ __version__ = "0.1.0"
 
 from dvlm_exp.run.paths import register_resolvers as _register_resolvers  # noqa: E402
 
-_register_resolvers()  # ${dvlm_root:}, ${dvlm_outputs:}, ${dvlm_new_dir:...} in conf/config.yaml (dvlm_exp/run/paths.py)
+try:  # ${dvlm_root:}, ${dvlm_outputs:}, ${dvlm_new_dir:...} in conf/config.yaml (dvlm_exp/run/paths.py)
+    _register_resolvers()
+except ModuleNotFoundError:  # a bare interpreter (no omegaconf) importing dvlm_exp._venv to re-exec into .venv
+    pass

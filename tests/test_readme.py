@@ -45,6 +45,7 @@ CHECK = [
     "python run.py task=synth_video_caption",
     "python run.py -m hydra/launcher=local prune=none,fastv limit=2",
     "python run.py -m hydra/launcher=slurm_dev prune=none,fastv,random ratio=0.5 limit=1",
+    "python run.py -m hydra/launcher=slurm_dev hydra.launcher.tasks_per_node=2 hydra.launcher.mem_gb=4 limit=null",
     "python scripts/analyze.py limit=1 prune=fastv prune.layer=2",  # analyze.py takes run.py's overrides
 ]
 REFUSED = {  # command -> the model whose download the error must name
@@ -72,6 +73,13 @@ NOT_RUN = {
     "python scripts/report.py outputs/sweeps": "needs sweep runs (tests/test_report.py)",
     "python run.py -m hydra/launcher=slurm prune=none,fastv ratio=0.25,0.5 task=docvqa_val ...": "a placeholder (...)",
     "scripts/slurm/up.sh": "root + apt-get (tests/test_slurm.py)",
+    "torchrun --nproc_per_node=8 run.py model=llada_v task=docvqa_val limit=null prune=fastv ratio=0.25 "
+    "hydra.run.dir=outputs/runs/docvqa_fastv_dp8": "8 GPUs and LLaDA-V (tests/test_distributed.py runs 2 CPU ranks)",
+    "python run.py -m hydra/launcher=slurm hydra.launcher.nodes=2 hydra.launcher.tasks_per_node=8 "
+    "hydra.launcher.gpus_per_node=8 hydra.launcher.mem_gb=400 model=llada_v task=docvqa_val limit=null prune=none,fastv":
+        "two GPU nodes (tests/test_slurm.py runs a 2-task job on the dev cluster)",
+    "python -m torch.distributed.run --standalone --nproc_per_node=2 run.py limit=null hydra.run.dir=outputs/runs/dp2":
+        "200 samples x 2 ranks, the README's measurement (tests/test_distributed.py runs it at limit=3)",
     "scripts/slurm/down.sh": "tests/test_slurm.py",
 }
 

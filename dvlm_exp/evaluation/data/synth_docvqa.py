@@ -64,7 +64,7 @@ GENERATOR_VERSION = "1"
 TASK_NAME = "synth_docvqa"
 SPLIT = "validation"
 META_FILE = publish.META_FILE
-GENERATOR_ID = "dvlm_exp.evaluation.data.synth_docvqa"
+GENERATOR_ID = "dvlm_exp.data.synth_docvqa"  # an identity (seeds, data metadata): the module's path when it was made, kept
 
 # (width, height) in pixels; chosen per sample by the RNG.
 PAGE_SIZES: tuple[tuple[int, int], ...] = ((384, 384), (512, 384), (384, 512))

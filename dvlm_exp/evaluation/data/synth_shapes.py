@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from dvlm_exp.evaluation.data import publish
 
-GENERATOR_ID = "dvlm_exp.evaluation.data.synth_shapes"
+GENERATOR_ID = "dvlm_exp.data.synth_shapes"  # an identity (seeds, data metadata): the module's path when it was made, kept
 GENERATOR_VERSION = "2"
 TASK_NAME = "synth_shapes"
 SPLIT = "test"

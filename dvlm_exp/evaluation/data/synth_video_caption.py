@@ -32,7 +32,7 @@ from dvlm_exp.evaluation.data import publish
 from dvlm_exp.evaluation.data.synth_video import BACKGROUNDS, clip_spec, make_clip
 
 GENERATOR_VERSION = "1"
-GENERATOR_ID = "dvlm_exp.evaluation.data.synth_video_caption"
+GENERATOR_ID = "dvlm_exp.data.synth_video_caption"  # an identity (seeds, data metadata): the module's path when it was made, kept
 TASK_NAME = "synth_video_caption"
 SPLIT = "test"
 META_FILE = publish.META_FILE
