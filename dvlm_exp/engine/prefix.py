@@ -216,6 +216,9 @@ class PrefixEngine(Engine):
                 t0 = time.perf_counter()
                 if acting:
                     rec.current.scoring_flops += int(d.flops)
+                if d.transient is not None:
+                    raise RuntimeError("model.prefix_cache=true caches what each layer kept: a Decision with "
+                                       "transient tokens (prune.recycled_persist=none) is not supported")
                 hidden, view = self._apply(d, hidden, view)
                 idx = idx[view.last_keep]
                 if self.position_ids == "keep":
