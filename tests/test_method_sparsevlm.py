@@ -417,3 +417,16 @@ def test_port_options_validated():
     for field in ("score", "recycled_at", "recycled_persist", "density_ties"):
         with pytest.raises(ValueError, match=f"prune.{field} must be one of"):
             SparseVLM(**{field: "bogus"})
+
+
+def test_prefix_cache_refuses_transient_recycling():
+    """The prefix cache keeps what each layer kept: the port's recycled tokens (only the pruning
+    forward sees them) are refused before loading; the default recycling is accepted."""
+    from dvlm_exp.engine.prefix import check_config
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.build import compose_config
+
+    base = ["model=lavida_llada", "model.prefix_cache=true", "schedule=first_step", "ratio=0.25"]
+    with pytest.raises(ConfigError, match="recycled_persist=none"):
+        check_config(compose_config(["prune=study_sparsevlm", *base]))
+    check_config(compose_config(["prune=study_sparsevlm", "prune.recycled_persist=mean_embeds", *base]))

@@ -348,6 +348,9 @@ def check_config(cfg) -> None:
     if sc.get("persist") == "none":
         raise ConfigError("model.prefix_cache=true keeps the step-0 pruning in the cache: schedule.persist=none is "
                           "not supported")
+    if cfg.prune.get("recycled_persist") == "none":
+        raise ConfigError("model.prefix_cache=true caches what each layer kept: prune.recycled_persist=none (tokens "
+                          "only the pruning forward sees) is not supported; use model.prefix_cache=mask_only / false")
     from dvlm_exp.registry import PRUNERS
 
     if hasattr(PRUNERS.get(cfg.prune.name), "after_step"):

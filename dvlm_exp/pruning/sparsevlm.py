@@ -59,7 +59,7 @@ The port's budget int(N·keep) is `rounding: floor`. Left out: its cluster mean 
 Deviations (documented in the yaml too): SparseVLM scores inside layer l and prunes that
 layer's output, i.e. our L = l+1 (its [2, 6, 15] is our [3, 7, 16]; our default [2, 6, 15]
 follows methods.md's budget table, "layers 0-1 at 576"); v2's RoPE "gravity" division of the
-attention map is left out; DPC-kNN breaks density ties by token order instead of 1e-6 noise;
+attention map is left out; by default (options above) DPC-kNN breaks density ties by token order instead of 1e-6 noise;
 the cluster mean has no +1e-6 in its denominator.
 """
 
