@@ -458,3 +458,18 @@ def test_study_sparsevlm_matches_port(golden_model, inputs, image, gen, ratio):
     assert kept == ref_kept
     assert out == ref_out
     assert trace == ref_trace
+
+
+@pytest.mark.parametrize("port_step", [1, 3])
+def test_study_sparsevlm_later_step_matches_port(golden_model, inputs, port_step):
+    """SPARSEVLM_PRUNING_STEP > 0 (47 in the port; the step comes from our schedule): the raters
+    then include committed response tokens; same parity."""
+    method, position_ids, _ = preset("study_sparsevlm", 0.25, layers=[1])
+    ids, img = inputs["case_500x300"]
+    method.reseed(7)
+    out, trace, kept, seq = run_ours(golden_model, ids, img, 16, 8, 8, method, position_ids, port_step)
+    vis = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    s, nv = int(vis[0]), int(vis.numel())
+    torch.manual_seed(7)
+    ref = naive_generate(golden_model, seq.prompt_embeds, s, nv, 16, 8, 8, sparsevlm_port_act(0, port_step, s, nv, 0.25))
+    assert (out, trace, kept) == ref
