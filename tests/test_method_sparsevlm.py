@@ -388,3 +388,45 @@ def test_config_builds_method():
     _check_prune(cfg)
     with pytest.raises(ConfigError):  # the default layers [2, 6, 15] do not fit the 4-layer tiny model
         _check_prune(compose_config(["prune=sparsevlm"]))
+
+
+def test_dpc_knn_noise_matches_port_cluster_and_merge():
+    """`density_ties: noise` against the dMLLM study's port (LLaDA-V/eval/llava_sparsevlm/model/
+    language_model/utils.py cluster_and_merge, re-stated in tests/test_study_ports.py) on rows
+    with exact density ties (duplicated rows): the same 1e-6 noise draw (the method's generator
+    and the global one seeded alike) gives the same centres, in the same order, and members."""
+    from test_study_ports import sparsevlm_port_cluster_and_merge
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 16, generator=g)
+    x = torch.cat([base, base[:8], base[:4]])[torch.randperm(24, generator=g)]  # exact ties
+    c = 4
+    torch.manual_seed(11)
+    ref = sparsevlm_port_cluster_and_merge(x, c)
+    from dvlm_exp.pruning.sparsevlm import DENSITY_NOISE, dpc_knn_noise
+
+    noise = torch.rand(24, generator=torch.Generator().manual_seed(11)) * DENSITY_NOISE
+    centres, assign = dpc_knn_noise(x, c, noise)
+    ours = torch.zeros(c, 16).index_add_(0, assign, x) / torch.bincount(assign, minlength=c)[:, None]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)  # the port divides by count + 1e-6
+
+
+def test_port_options_validated():
+    with pytest.raises(ValueError, match="v1 port"):
+        SparseVLM(version="v2", score="softmax_of_head_mean_logits")
+    for field in ("score", "recycled_at", "recycled_persist", "density_ties"):
+        with pytest.raises(ValueError, match=f"prune.{field} must be one of"):
+            SparseVLM(**{field: "bogus"})
+
+
+def test_prefix_cache_refuses_transient_recycling():
+    """The prefix cache keeps what each layer kept: the port's recycled tokens (only the pruning
+    forward sees them) are refused before loading; the default recycling is accepted."""
+    from dvlm_exp.engine.prefix import check_config
+    from dvlm_exp.errors import ConfigError
+    from dvlm_exp.run.build import compose_config
+
+    base = ["model=lavida_llada", "model.prefix_cache=true", "schedule=first_step", "ratio=0.25"]
+    with pytest.raises(ConfigError, match="recycled_persist=none"):
+        check_config(compose_config(["prune=study_sparsevlm", *base]))
+    check_config(compose_config(["prune=study_sparsevlm", "prune.recycled_persist=mean_embeds", *base]))

@@ -97,9 +97,13 @@ def _rms(norm, x):
 
 def naive_forward(model, x_embeds: torch.Tensor, act=None):
     """x_embeds [L, d] -> final hidden [L', d]. `act(layer, h, score)` may return (h', True) after
-    a layer's attention residual (the ports prune there); positions are then renumbered 0..L'-1
-    (adjust_position_ids) for the following layers."""
+    a layer's attention residual (the ports prune there; an `act` with `after_mlp = True` after
+    the layer's MLP instead, SparseVLM's port); positions are then renumbered 0..L'-1
+    (adjust_position_ids) for the following layers. An `act` with a `begin` sees the input first."""
     h = x_embeds.float()
+    post = act is not None and getattr(act, "after_mlp", False)
+    if act is not None and hasattr(act, "begin"):
+        act.begin(h)
     theta = float(json.loads((golden_dir() / "checkpoint" / "config.json").read_text())["rope_theta"])
     positions = torch.arange(h.shape[0])
     for li, layer in enumerate(model.layers):
@@ -118,7 +122,7 @@ def naive_forward(model, x_embeds: torch.Tensor, act=None):
         score = torch.softmax(logits.mean(0), dim=-1)  # the FastV port's attn_score (no bias)
         out = (torch.softmax(logits, dim=-1) @ v).transpose(0, 1).reshape(h.shape[0], nh * dh)
         h = h + out @ at.o_proj.weight.T
-        if act is not None:
+        if act is not None and not post:
             h2, pruned = act(li, h, score)
             if pruned:
                 h = h2
@@ -126,6 +130,11 @@ def naive_forward(model, x_embeds: torch.Tensor, act=None):
         m = layer.mlp
         y = _rms(layer.post_attention_layernorm, h)
         h = h + (torch.nn.functional.silu(y @ m.gate_proj.weight.T) * (y @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+        if post:
+            h2, pruned = act(li, h, score)
+            if pruned:
+                h = h2
+                positions = torch.arange(h.shape[0])
     return _rms(model.norm, h)
 
 
@@ -166,8 +175,9 @@ def naive_generate(model, prompt_embeds, s: int, nv: int, gen: int, block: int, 
                 nv = idx.numel()
                 lo, hi = P + b * block, P + (b + 1) * block
                 mask_index = torch.all(torch.abs(x_emb - masked) < 1e-5, dim=1)
-            # logits only at the answer rows: prompt rows are never masked, so never selected
-            logits = (hid[P:] @ model.lm_head.weight.T).float()
+            # logits only at the answer rows: prompt rows are never masked, so never selected (rows the
+            # forward added, SparseVLM's merged tokens, sit before them: the port cuts them out)
+            logits = (hid[hid.shape[0] - (x_emb.shape[0] - P):] @ model.lm_head.weight.T).float()
             mi = mask_index[P:]
             for t in BANNED:
                 logits[:, t] = torch.where(mi, -float("inf"), logits[:, t])
@@ -355,3 +365,111 @@ def test_study_vtw_matches_port(golden_model, inputs, image, gen, port_step):
     assert kept == ref_kept == []
     assert out == ref_out
     assert trace == ref_trace
+
+
+# ----------------------------------------------------------------------------------------------
+# SparseVLM: LLaDA-V/eval/llava_sparsevlm/model/language_model/
+#   modeling_llada.py LLaDAModel.forward: raters from the forward's input embeddings, v_t = the
+#     visual span, t_t = every token after it; m_v_t = softmax(v_t t_t^T, over t).mean(over v);
+#     t_token_idx = where(m_v_t > m_v_t.mean()).
+#   At SPARSEVLM_PRUNING_LAYER l (step SPARSEVLM_PRUNING_STEP): LLaDADecoderLayer.forward runs the
+#     whole layer (attention + MLP) and returns scaled_dot_product_attention's attn_score
+#     (softmax over keys of the head-mean logits, no bias); score.py attn_postprocess_topk:
+#     relation = attn_score[t_token_idx, visual].mean(over raters), topk(int(N * keep)) as a mask
+#     (kept tokens in position order). Recycling: the pruned tokens' layer-l outputs (position
+#     order), the top int(0.3 p) + 1 by relation (topk order), utils.py cluster_and_merge with
+#     int(m / 10) + 1 clusters; the sequence becomes prefix + kept visual + merged tokens + the
+#     rest, position_ids truncated to 0..L'-1 for the following layers.
+#   cluster_and_merge: dist = ||x_i - x_j|| / sqrt(C); density = exp(-mean of the k smallest
+#     dist^2) + rand * 1e-6 (global generator); delta = min dist to a strictly denser token (the
+#     largest distance for the densest); centres = topk(delta * density, k); each token joins its
+#     nearest centre (centres themselves); merged = sum of members / (count + 1e-6).
+#   generate_with_embeds after the pruning forward: x_embeds / x keep the prompt, the kept visual
+#     tokens (VISUAL_INDICES > 0) and the rest; the logits rows of the merged tokens are cut out.
+
+def sparsevlm_port_cluster_and_merge(x: torch.Tensor, c: int) -> torch.Tensor:
+    m, C = x.shape
+    dist = (x[:, None] - x[None]).norm(dim=-1, p=2) / (C ** 0.5)
+    near = torch.topk(dist, k=c, dim=-1, largest=False).values
+    density = (-(near ** 2).mean(dim=-1)).exp()
+    density = density + torch.rand(density.shape, dtype=density.dtype) * 1e-6
+    mask = (density[None, :] > density[:, None]).float()
+    dmax = dist.max()
+    delta = (dist * mask + dmax * (1 - mask)).min(dim=-1).values
+    centres = torch.topk(delta * density, k=c).indices
+    cluster = dist[centres].argmin(dim=0)
+    cluster[centres] = torch.arange(c)
+    weight = torch.zeros(c).index_add_(0, cluster, torch.ones(m)) + 1e-6
+    return torch.zeros(c, C).index_add_(0, cluster, x / weight[cluster][:, None])
+
+
+def sparsevlm_port_act(port_layer: int, port_step: int, s: int, nv: int, ratio: float):
+    def factory(step):
+        box = {}
+        if step != port_step:
+            return None, box
+
+        def begin(x):
+            v, t = x[s:s + nv], x[s + nv:]
+            rel = torch.softmax(v @ t.T, dim=-1).mean(0)
+            box["raters"] = torch.nonzero(rel > rel.mean()).squeeze(1) + s + nv
+
+        def act(li, h, score):
+            if li != port_layer:
+                return h, False
+            relation = score[box["raters"]][:, s:s + nv].mean(0)
+            mask = torch.zeros(nv, dtype=torch.bool)
+            mask[torch.topk(relation, int(nv * ratio)).indices] = True
+            kept, pruned = torch.nonzero(mask).squeeze(1), torch.nonzero(~mask).squeeze(1)
+            m = int(pruned.numel() * 0.3) + 1
+            stage2 = torch.topk(relation[pruned], m).indices
+            merged = sparsevlm_port_cluster_and_merge(h[s:s + nv][pruned][stage2], int(m / 10) + 1)
+            box["keep"] = kept
+            return torch.cat([h[:s], h[s:s + nv][kept], merged, h[s + nv:]]), True
+
+        act.after_mlp, act.begin = True, begin
+        return act, box
+
+    return factory
+
+
+@pytest.mark.parametrize("image", IMAGES)
+@pytest.mark.parametrize("gen", GENS, ids=lambda g: "g%d_b%d_s%d" % g)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_study_sparsevlm_matches_port(golden_model, inputs, image, gen, ratio):
+    # SPARSEVLM_PRUNING_LAYER = 6 -> layers [7] in the preset (K = l + 1); on the 3-layer tiny model
+    # the port's layer 1 is layers [2].
+    port_layer, port_step = 1, 0
+    seed = 4321 + int(ratio * 100) + gen[0]
+    method, position_ids, p = preset("study_sparsevlm", 0.25)
+    assert (p["layers"], p["version"], p["ratio_target"], p["rounding"], p["score"], p["recycled_at"],
+            p["recycled_persist"], p["density_ties"], position_ids) == \
+        ([7], "v1", "last", "floor", "softmax_of_head_mean_logits", "after_kept", "none", "noise", "renumber")
+    method, position_ids, _ = preset("study_sparsevlm", ratio, layers=[port_layer + 1])
+    ids, img = inputs[image]
+    method.reseed(seed)
+    out, trace, kept, seq = run_ours(golden_model, ids, img, *gen, method, position_ids, port_step)
+    vis = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    s, nv = int(vis[0]), int(vis.numel())
+    torch.manual_seed(seed)
+    ref_out, ref_trace, ref_kept = naive_generate(golden_model, seq.prompt_embeds, s, nv, *gen,
+                                                  sparsevlm_port_act(port_layer, port_step, s, nv, ratio))
+    assert len(ref_kept) == int(nv * ratio)
+    assert kept == ref_kept
+    assert out == ref_out
+    assert trace == ref_trace
+
+
+@pytest.mark.parametrize("port_step", [1, 3])
+def test_study_sparsevlm_later_step_matches_port(golden_model, inputs, port_step):
+    """SPARSEVLM_PRUNING_STEP > 0 (47 in the port; the step comes from our schedule): the raters
+    then include committed response tokens; same parity."""
+    method, position_ids, _ = preset("study_sparsevlm", 0.25, layers=[1])
+    ids, img = inputs["case_500x300"]
+    method.reseed(7)
+    out, trace, kept, seq = run_ours(golden_model, ids, img, 16, 8, 8, method, position_ids, port_step)
+    vis = torch.nonzero(seq.roles == Roles.VISUAL).squeeze(1)
+    s, nv = int(vis[0]), int(vis.numel())
+    torch.manual_seed(7)
+    ref = naive_generate(golden_model, seq.prompt_embeds, s, nv, 16, 8, 8, sparsevlm_port_act(0, port_step, s, nv, 0.25))
+    assert (out, trace, kept) == ref

@@ -65,6 +65,7 @@ class View:
     scores: dict = field(default_factory=dict)
     merged: bool = False  # a merge happened in this forward (embeds0 holds merged rows)
     last_keep: torch.Tensor | None = None  # the last decision's gather indices
+    transient: torch.Tensor | None = None  # bool per current token: not persisted (Decision.transient)
 
     @property
     def visual_index(self) -> torch.Tensor:
@@ -248,9 +249,11 @@ class Engine:
         if pruned and acting and self.persist == "state":
             n_prompt = seq.prompt_embeds.shape[0]
             sel = idx < n_prompt
+            if view.transient is not None:
+                sel &= ~view.transient
             keep = idx[sel]
             if view.merged:
-                embeds = view.embeds0[: int(sel.sum())]
+                embeds = view.embeds0[sel]
         return ForwardOut(logits=logits, keep=keep, embeds=embeds)
 
     def _apply(self, d: Decision, hidden: torch.Tensor, view: View):
@@ -266,10 +269,17 @@ class Engine:
             merged = True
         keep_all = _merge_keep(view.roles, keep)
         hidden = hidden[:, keep_all]
+        roles = view.roles[keep_all]
+        transient = None if view.transient is None else view.transient[keep_all]
+        if d.transient is not None and d.transient.numel():
+            # visual slot i of the new sequence holds keep[i] (_merge_keep)
+            if transient is None:
+                transient = torch.zeros(keep_all.numel(), dtype=torch.bool, device=keep_all.device)
+            transient[torch.nonzero(roles == Roles.VISUAL).squeeze(1)[d.transient.to(keep_all.device)]] = True
         nv = View(step=view.step, layer=view.layer, n_layers=view.n_layers, seq=view.seq,
-                  roles=view.roles[keep_all], positions=view.positions[keep_all], hidden=hidden,
+                  roles=roles, positions=view.positions[keep_all], hidden=hidden,
                   embeds0=emb0[keep_all], ratio=view.ratio, acting=view.acting, scores=view.scores,
-                  merged=merged, last_keep=keep_all)
+                  merged=merged, last_keep=keep_all, transient=transient)
         return hidden, nv
 
     def after_step(self, seq: Sequence, step: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -216,6 +216,9 @@ class PrefixEngine(Engine):
                 t0 = time.perf_counter()
                 if acting:
                     rec.current.scoring_flops += int(d.flops)
+                if d.transient is not None:
+                    raise RuntimeError("model.prefix_cache=true caches what each layer kept: a Decision with "
+                                       "transient tokens (prune.recycled_persist=none) is not supported")
                 hidden, view = self._apply(d, hidden, view)
                 idx = idx[view.last_keep]
                 if self.position_ids == "keep":
@@ -345,6 +348,9 @@ def check_config(cfg) -> None:
     if sc.get("persist") == "none":
         raise ConfigError("model.prefix_cache=true keeps the step-0 pruning in the cache: schedule.persist=none is "
                           "not supported")
+    if cfg.prune.get("recycled_persist") == "none":
+        raise ConfigError("model.prefix_cache=true caches what each layer kept: prune.recycled_persist=none (tokens "
+                          "only the pruning forward sees) is not supported; use model.prefix_cache=mask_only / false")
     from dvlm_exp.registry import PRUNERS
 
     if hasattr(PRUNERS.get(cfg.prune.name), "after_step"):

@@ -84,6 +84,9 @@ class Decision:
     visual token `merge_src[i]` is folded into kept token `keep[merge_dst[i]]` with weight
     `merge_w[i]`; a kept token's own weight is `keep_w` (default 1). The kept token becomes the
     weighted mean of itself and what was folded into it, in place (it keeps its position).
+    `transient` (optional): indices into `keep` of tokens that only the rest of this forward
+    sees; the persistent state drops them (the dMLLM study's SparseVLM port: its recycled
+    cluster tokens exist in the pruning forward only).
     """
 
     keep: torch.Tensor
@@ -91,6 +94,7 @@ class Decision:
     merge_dst: torch.Tensor | None = None
     merge_w: torch.Tensor | None = None
     keep_w: torch.Tensor | None = None
+    transient: torch.Tensor | None = None
     flops: int = 0  # the method's own work for this decision (distances, clustering), exact convention
 
     @property

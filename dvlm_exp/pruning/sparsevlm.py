@@ -37,10 +37,29 @@ Counts are keep_count(N0, fraction, rounding) of the ORIGINAL visual count N0, c
 current count; a layer whose budget is not below the current count does nothing (the original
 always drops one token there: min(budget, n-1)), so ratio=1.0 is an exact no-op.
 
+Peer definitions (the dMLLM study's LLaDA-V port, LLaDA-V/eval/llava_sparsevlm/model/
+language_model/: modeling_llada.py LLaDAModel.forward, scaled_dot_product_attention and
+generate_with_embeds; score.py attn_postprocess_topk; utils.py cluster_and_merge), options:
+  score           head_mean_softmax (default: per-head softmax, then the head mean) |
+                  softmax_of_head_mean_logits (the port: softmax over keys of the head-MEAN logits,
+                  no mask bias; v1 only)
+  recycled_at     centre (default: a merged token sits at its cluster centre's place) |
+                  after_kept (the port: the merged tokens, in cluster order, follow the kept
+                  visual tokens; with renumbered positions the model sees them there)
+  recycled_persist mean_embeds (default: a merged token persists as the mean of its members'
+                  input embeddings) | none (the port: the persistent state keeps only the
+                  budget's tokens, the merged ones live in the pruning forward only)
+  density_ties    order (default: float64 distances, density ties broken by token order) |
+                  noise (the port: float32 difference norms, density + 1e-6·U(0,1) drawn from the
+                  method's generator, reseeded per sample like DivPrune's pivot: the port's
+                  global-generator draw when both were seeded with the sample's seed)
+The port's budget int(N·keep) is `rounding: floor`. Left out: its cluster mean divides by
+(count + 1e-6), ours by count (a relative 1e-6/count on a merged token).
+
 Deviations (documented in the yaml too): SparseVLM scores inside layer l and prunes that
 layer's output, i.e. our L = l+1 (its [2, 6, 15] is our [3, 7, 16]; our default [2, 6, 15]
 follows methods.md's budget table, "layers 0-1 at 576"); v2's RoPE "gravity" division of the
-attention map is left out; DPC-kNN breaks density ties by token order instead of 1e-6 noise;
+attention map is left out; by default (options above) DPC-kNN breaks density ties by token order instead of 1e-6 noise;
 the cluster mean has no +1e-6 in its denominator.
 """
 
@@ -56,6 +75,11 @@ from dvlm_exp.registry import PRUNERS
 VERSIONS = ("v1", "v2")
 QUERY_SETS = ("raters", "text")
 RATIO_TARGETS = ("layer_average", "last", "none")
+SCORES = ("head_mean_softmax", "softmax_of_head_mean_logits")
+RECYCLED_AT = ("centre", "after_kept")
+RECYCLED_PERSIST = ("mean_embeds", "none")
+DENSITY_TIES = ("order", "noise")
+DENSITY_NOISE = 1e-6  # the port's cluster_and_merge: density + rand * 1e-6
 
 # Gumpest/SparseVLMs llava/model/language_model/score.py: RETAIN_TOKN -> kept tokens (of 576)
 # from pruning layers 2, 6, 15 on (LLaVA-1.5-7B, 32 layers).
@@ -102,6 +126,31 @@ def scale_to_average(shape: list[float], layers: list[int], n_layers: int, ratio
         capped.add(max(over, key=lambda i: shape[i]))
 
 
+def port_distances(x: torch.Tensor) -> torch.Tensor:
+    """||x_i - x_j|| / √C in x's float32, as the port's cluster_and_merge computes it (the norm of
+    the difference vectors), row blocks bounding the [b, m, C] difference tensor."""
+    m, c_dim = x.shape
+    step = max(1, (1 << 24) // max(1, m * c_dim))
+    rows = [(x[i:i + step, None] - x[None]).norm(dim=-1, p=2) for i in range(0, m, step)]
+    return torch.cat(rows) / (c_dim ** 0.5)
+
+
+def dpc_knn_noise(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN as the port runs it (utils.py cluster_and_merge): float32, density + `noise`
+    [m] (1e-6·U(0,1)), strict `>` for "higher density", centres in torch.topk order of ρ·δ.
+    Returns (centres [c], assign [m]) as `dpc_knn`."""
+    x = x.float()
+    dist = port_distances(x)
+    near = torch.topk(dist, k=n_clusters, dim=-1, largest=False).values
+    density = (-(near ** 2).mean(dim=-1)).exp() + noise.to(x.device, torch.float32)
+    higher = density[None, :] > density[:, None]
+    delta = torch.where(higher, dist, dist.max()).min(dim=-1).values
+    centres = torch.topk(delta * density, k=n_clusters).indices
+    assign = dist[centres].argmin(dim=0)
+    assign[centres] = torch.arange(n_clusters, device=x.device)
+    return centres, assign
+
+
 def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-kNN clustering (SparseVLM's `cluster_and_merge`) of x [m, C].
 
@@ -131,7 +180,8 @@ def dpc_knn(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tenso
 @PRUNERS.register("sparsevlm")
 class SparseVLM(PruneMethod):
     layer_fields = {"layers": 1}  # config fields holding decoder-layer indices: smallest legal value
-    choices = {"version": VERSIONS, "query_set": QUERY_SETS, "ratio_target": RATIO_TARGETS}
+    choices = {"version": VERSIONS, "query_set": QUERY_SETS, "ratio_target": RATIO_TARGETS, "score": SCORES,
+               "recycled_at": RECYCLED_AT, "recycled_persist": RECYCLED_PERSIST, "density_ties": DENSITY_TIES}
 
     # v1 renumbers (truncated ids), v2 keeps the original ids (methods.md §0.4)
     requires = {"version": {"v1": {"position_ids": "renumber"}, "v2": {"position_ids": "keep"}}}
@@ -140,7 +190,8 @@ class SparseVLM(PruneMethod):
 
     def __init__(self, layers=(2, 6, 15), version: str = "v1", query_set: str = "raters", budgets=None,
                  ratio_target: str = "layer_average", heads: int | None = None, recycle: bool | None = None,
-                 **kwargs):
+                 score: str = "head_mean_softmax", recycled_at: str = "centre",
+                 recycled_persist: str = "mean_embeds", density_ties: str = "order", **kwargs):
         layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else [layers])]
         kwargs.pop("layer", None)
         super().__init__(layer=layers[0] if layers else 1, **kwargs)
@@ -160,6 +211,14 @@ class SparseVLM(PruneMethod):
                 raise ValueError(f"prune.budgets={budgets} with ratio_target=none are kept fractions: each in (0, 1]")
         elif ratio_target == "none":
             raise ValueError("prune.ratio_target=none takes the budgets as given: set prune.budgets")
+        for field, value, allowed in (("score", score, SCORES), ("recycled_at", recycled_at, RECYCLED_AT),
+                                      ("recycled_persist", recycled_persist, RECYCLED_PERSIST),
+                                      ("density_ties", density_ties, DENSITY_TIES)):
+            if value not in allowed:
+                raise ValueError(f"prune.{field} must be one of {', '.join(allowed)}, got {value!r}")
+        if version == "v2" and score != "head_mean_softmax":
+            raise ValueError("prune.score=softmax_of_head_mean_logits is the v1 port's score: v2 chooses heads "
+                             "from per-head probabilities (set prune.version=v1 or score=head_mean_softmax)")
         if heads is not None and int(heads) < 1:
             raise ValueError(f"prune.heads={heads} must be a positive head count or null")
         self.layers = layers
@@ -169,8 +228,15 @@ class SparseVLM(PruneMethod):
         self.ratio_target = ratio_target
         self.heads = None if heads is None else int(heads)
         self.recycle = (version == "v1") if recycle is None else bool(recycle)
+        self.score, self.recycled_at = score, recycled_at
+        self.recycled_persist, self.density_ties = recycled_persist, density_ties
+        self.generator = torch.Generator().manual_seed(self.seed)
         self._counts: dict[int, int] = {}
         self._rater_pos: torch.Tensor | None = None  # original positions of the raters
+
+    def reseed(self, seed: int) -> None:
+        """Per-sample seed for `density_ties: noise` (the generator calls this per request)."""
+        self.generator.manual_seed(int(seed))
 
     @property
     def default_position_ids(self) -> str:
@@ -239,7 +305,9 @@ class SparseVLM(PruneMethod):
         nxt = view.layer + 1
         if self._rater_pos is None or nxt not in self._counts or self._counts[nxt] >= view.n_visual:
             return None
-        return ScoreRequest(self.rater_index(view), keep_heads=self.version == "v2")
+        return ScoreRequest(self.rater_index(view), keep_heads=self.version == "v2",
+                            aggregate="softmax_mean_logits" if self.score == "softmax_of_head_mean_logits"
+                            else "mean_softmax")
 
     def relevance(self, view, req: ScoreRequest) -> torch.Tensor:
         """Relevance of each current visual token (head-mean rater->visual attention, mean over raters)."""
@@ -270,12 +338,23 @@ class SparseVLM(PruneMethod):
         rec = pruned[torch.sort(rel[pruned], descending=True, stable=True).indices[:m]]
         n_clusters = m // CLUSTER_DIV + 1
         hid = view.hidden[0, view.visual_index[rec]]
-        centres, assign = dpc_knn(hid, n_clusters)
+        if self.density_ties == "noise":
+            noise = torch.rand(m, generator=self.generator) * DENSITY_NOISE
+            centres, assign = dpc_knn_noise(hid, n_clusters, noise)
+        else:
+            centres, assign = dpc_knn(hid, n_clusters)
         centre_tok = rec[centres]
-        keep_all = torch.sort(torch.cat([keep, centre_tok])).values
         members = torch.ones(m, dtype=torch.bool, device=rec.device)
         members[centres] = False
         src = rec[members]
-        dst = torch.searchsorted(keep_all, centre_tok[assign[members]])
+        if self.recycled_at == "after_kept":  # unsorted keep: kept tokens, then the clusters in order
+            keep_all = torch.cat([keep, centre_tok])
+            dst = keep.numel() + assign[members]
+            slots = keep.numel() + torch.arange(n_clusters, device=rec.device)
+        else:
+            keep_all = torch.sort(torch.cat([keep, centre_tok])).values
+            dst = torch.searchsorted(keep_all, centre_tok[assign[members]])
+            slots = torch.searchsorted(keep_all, centre_tok)
         return Decision(keep=keep_all, merge_src=src, merge_dst=dst,
-                        merge_w=torch.ones(src.numel(), dtype=torch.float32))
+                        merge_w=torch.ones(src.numel(), dtype=torch.float32),
+                        transient=slots if self.recycled_persist == "none" else None)
