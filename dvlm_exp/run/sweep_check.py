@@ -57,6 +57,17 @@ def _compose(conf_dir: Path, overrides: list[str], hydra: bool = False) -> DictC
             return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
 
 
+def apply_value_overrides(cfg: DictConfig, overrides) -> None:
+    """Plain value overrides (parsed by Hydra's OverridesParser) applied to a composed config as Hydra
+    applies them after the defaults list: OmegaConf.update on the struct config, `+key=` force-added."""
+    for o in overrides:
+        if o.is_add() or o.is_force_add():
+            with open_dict(cfg):
+                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True, force_add=True)
+        else:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+
+
 def job_configs(jobs: list[list[str]], conf_dir: Path):
     """Yield (job, cfg or the composition's exception). Jobs choosing the same config-group options
     share one composition; their value overrides are then applied as Hydra applies them after the
@@ -83,12 +94,7 @@ def job_configs(jobs: list[list[str]], conf_dir: Path):
             continue
         cfg = deepcopy(cache[key])
         try:
-            for o in value_ov:
-                if o.is_add() or o.is_force_add():
-                    with open_dict(cfg):
-                        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True, force_add=True)
-                else:
-                    OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+            apply_value_overrides(cfg, value_ov)
         except Exception:  # noqa: BLE001 - an unusual override: compose this job on its own
             try:
                 cfg = _compose(conf_dir, list(job))

@@ -104,7 +104,8 @@ def job_configs(jobs: list[list[str]], extra: list[str] | None = None):
     from copy import deepcopy
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf, open_dict
+
+    from dvlm_exp.run.sweep_check import apply_value_overrides
 
     parser = OverridesParser.create()
     groups = _groups()
@@ -124,12 +125,7 @@ def job_configs(jobs: list[list[str]], extra: list[str] | None = None):
             if isinstance(cache[key], Exception):
                 raise cache[key]
             cfg = deepcopy(cache[key])
-            for o in value_ov:
-                if o.is_add() or o.is_force_add():
-                    with open_dict(cfg):
-                        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True, force_add=True)
-                else:
-                    OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+            apply_value_overrides(cfg, value_ov)
             yield job, cfg
         except Exception as e:  # noqa: BLE001 - reported per job
             yield job, e
