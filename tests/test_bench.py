@@ -141,8 +141,10 @@ def test_throughput_fields(summary):
     gen = summary["gen"]
     for r in rows.values():
         assert r["tokens_per_s"] == pytest.approx(gen / r["median_s"], rel=1e-2)  # median_s is rounded
-        assert r["throughput_gain_pct"] == pytest.approx(100 * (r["speedup_measured"] - 1), abs=0.01)
-        assert r["latency_change_pct"] == pytest.approx(100 * (1 / r["speedup_measured"] - 1), abs=0.01)
+        assert r["throughput_gain_pct"] == pytest.approx(100 * (r["speedup_measured"] - 1), abs=0.0101)
+        # speedup_measured is rounded to 4 decimals: 1/s amplifies that rounding by 1/s**2
+        s = r["speedup_measured"]
+        assert r["latency_change_pct"] == pytest.approx(100 * (1 / s - 1), abs=0.005 + 100 * 5e-5 / s**2 + 1e-9)
     assert rows["unpruned"]["throughput_gain_pct"] == 0.0
 
 
