@@ -93,7 +93,9 @@ def test_peers_decide_as_ours_and_pay_more(summary):
         assert row["peak_tensor_delta_mb"] >= ours["peak_tensor_delta_mb"]
         if row["method"] == "redvtp":
             assert row["peak_tensor_delta_mb"] > ours["peak_tensor_delta_mb"]
-        assert row["ours_speedup_over_this"] == pytest.approx(row["median_s"] / ours["median_s"], rel=1e-3)
+        # both median_s are rounded to 4 decimals: the ratio lies within what that rounding allows
+        a, b, h = row["median_s"], ours["median_s"], 5e-5
+        assert (a - h) / (b + h) - h <= row["ours_speedup_over_this"] <= (a + h) / (b - h) + h
         assert ours["speedup_over_peers"][row["config"]] == row["ours_speedup_over_this"]
     assert summary["targets"]["peer_answers_identical"] is True
 
