@@ -77,7 +77,10 @@ class Generator:
         rec = self.recorder.start_sample()
         t0 = time.perf_counter()
         ids = self.model.prompt_ids(question, n_images=len(images), think=p.think)
-        seq, info = self.model.prepare(ids, images, p.gen_length)
+        # a method acting in the vision path (ToMe in SigLIP, TRIM before the projector) travels
+        # with the question into the model's vision path
+        tower = {"tower": self.pruner, "question": question} if getattr(self.pruner, "tower_stage", None) else {}
+        seq, info = self.model.prepare(ids, images, p.gen_length, **tower)
         rec.n_visual = info["n_visual"]
         rec.vision_views = info.get("views", 0)
         stops = list(p.stop) + (list(until) if (until and p.honor_until) else [])

@@ -248,8 +248,11 @@ class _LaViDa:
     def pooled_side(self) -> int:
         return math.ceil(self.patches_per_side / self.pool_stride)
 
-    def image_features(self, images: list) -> tuple[list[torch.Tensor], dict]:
+    def image_features(self, images: list, tower=None, question: str | None = None) -> tuple[list[torch.Tensor], dict]:
         """One [N_vis, d] block per image: pooled anyres for one image, 729 flat per image else."""
+        if tower is not None:
+            raise ValueError(f"{self.family}: prune={tower.name} in the vision tower is implemented for "
+                             "LLaDA-V only; use a decoder-layer method")
         if len(images) == 1 and self.anyres:
             px, size_wh = llava_image.process_image(images[0], self.grid_pinpoints, self.image_size)
             feats = self.encode_views(px)  # [V, 729, d]
@@ -283,8 +286,8 @@ class _LaViDa:
             raise RuntimeError("this model was loaded without a tokenizer")
         return tokenizer_image_token(self.render_prompt(user_content(question, n_images)), self.tokenizer)
 
-    def prepare(self, prompt_ids, images, gen_length, videos=None):
-        seq, info = LLaDAV.prepare(self, prompt_ids, images, gen_length, videos)
+    def prepare(self, prompt_ids, images, gen_length, videos=None, tower=None, question=None):
+        seq, info = LLaDAV.prepare(self, prompt_ids, images, gen_length, videos, tower=tower, question=question)
         if self.logit_shift and (seq.roles.numel() == 0 or int(seq.roles[-1]) != Roles.TEXT):
             # The shifted head predicts answer slot 0 from the last prompt token: it must be a
             # text token (pruning only ever drops visual ones).

@@ -289,8 +289,12 @@ class LLaDAV(nn.Module):
         h = vt.encoder(inputs_embeds=h).last_hidden_state
         return self.mm_projector(h.to(self.mm_projector[0].weight.dtype))
 
-    def image_features(self, images: list) -> tuple[list[torch.Tensor], dict]:
-        """One [N_vis, d] block per image (anyres for a single image, base view for several)."""
+    def image_features(self, images: list, tower=None, question: str | None = None) -> tuple[list[torch.Tensor], dict]:
+        """One [N_vis, d] block per image (anyres for a single image, base view for several).
+
+        `tower`: a pruning method acting in the vision path (`tower_stage` set), with the question."""
+        if tower is not None:
+            raise NotImplementedError(f"prune={tower.name}: tower stage {tower.tower_stage!r} is not wired yet")
         if len(images) == 1:
             px, size_wh = llava_image.process_image(images[0], self.grid_pinpoints, self.image_size)
             feats = self.encode_views(px)
@@ -365,7 +369,7 @@ class LLaDAV(nn.Module):
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned state
     def prepare(self, prompt_ids: list[int], images: list, gen_length: int,
-                videos: list | None = None) -> tuple[Sequence, dict]:
+                videos: list | None = None, tower=None, question: str | None = None) -> tuple[Sequence, dict]:
         """Splice visual features into the prompt embeddings; append gen_length mask slots.
 
         Videos come through ``videos=`` or inside ``images`` as `VideoClip` objects or
@@ -375,13 +379,16 @@ class LLaDAV(nn.Module):
         images, videos = split_visuals(images, videos)
         n_ph = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
         if videos:  # one placeholder per video (the official wrapper's token_strategy "single")
+            if tower is not None:
+                raise ValueError(f"prune={tower.name} acts in the vision tower on images only, not on video")
             if n_ph != len(videos):
                 raise ValueError(f"prompt has {n_ph} image placeholders but {len(videos)} videos were given")
             blocks, info = self.video_blocks(videos)
         elif n_ph != len(images):
             raise ValueError(f"prompt has {n_ph} image placeholders but {len(images)} images were given")
         else:
-            blocks, info = self.image_features(images) if images else ([], {"views": 0})
+            blocks, info = (self.image_features(images, tower=tower, question=question) if images
+                            else ([], {"views": 0}))
         pieces, roles = [], []
         text: list[int] = []
         it = iter(blocks)

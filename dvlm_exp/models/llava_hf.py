@@ -228,9 +228,12 @@ class LlavaHF(nn.Module):
 
     @torch.no_grad()
     def prepare(self, prompt_ids: list[int], images: list, gen_length: int = 0,
-                videos: list | None = None) -> tuple[Sequence, dict]:
+                videos: list | None = None, tower=None, question: str | None = None) -> tuple[Sequence, dict]:
         """Each `<image>` id becomes that image's feature block (Roles.VISUAL). No response slots:
         the AR engine appends generated tokens to its KV cache (`gen_length` is not used here)."""
+        if tower is not None:
+            raise ValueError(f"{self.family}: prune={tower.name} acts in the vision tower, which this "
+                             "baseline's vision path does not expose; use a decoder-layer method")
         if videos:
             raise ValueError(f"{self.family}: video input is not supported by this baseline")
         n_ph = sum(1 for t in prompt_ids if t == self.image_token_id)

@@ -59,6 +59,11 @@ class PruneMethod:
     layer_fields: dict[str, int] = {"layer": 0}
     choices: dict[str, tuple] = {}
     requires: dict[str, dict] = {}
+    # Methods that act in the vision path, before the LLM, set `tower_stage` (an instance may set
+    # it from its options): the generator then hands the method and the question to the model's
+    # `prepare(..., tower=method, question=text)`, whose vision path calls the method's tower hooks
+    # (see dvlm_exp/engine/vision.py). None: the method acts in the decoder layer loop only.
+    tower_stage: str | None = None
 
     def __init__(self, ratio: float = 1.0, layer: int = 0, seed: int = 0, rounding: str = "round",
                  position_ids: str = "keep", **kwargs):
