@@ -30,7 +30,7 @@ class UnknownNameError(ValueError):
     pass
 
 
-FACT_KEYS = ("layer_fields", "choices", "requires")
+FACT_KEYS = ("layer_fields", "choices", "requires", "tower_stage", "tower_when")
 
 
 class Registry:

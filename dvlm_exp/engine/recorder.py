@@ -32,6 +32,19 @@ class SampleRecord:
     latency_s: float = 0.0
     scoring_s: float = 0.0
     output_ids: list = field(default_factory=list)
+    # a method inside the vision tower (dvlm_exp/engine/vision.py): per tower layer, the tokens its
+    # attention and its MLP ran on (each of the `vision_views` views); [] = the full tower ran
+    vision_layer_tokens: list = field(default_factory=list)
+    # visual tokens the unpruned model would give the LLM beyond those it got (tower methods)
+    baseline_visual_extra: int = 0
+
+    def tower(self, info: dict) -> None:
+        """What the vision path reports (model.prepare's info) when a tower method ran."""
+        if "vision_layer_tokens" in info:
+            self.vision_layer_tokens = [tuple(t) for t in info["vision_layer_tokens"]]
+        if "n_visual_unpruned" in info:
+            self.baseline_visual_extra = int(info["n_visual_unpruned"]) - int(info["n_visual"])
+            self.n_visual = int(info["n_visual_unpruned"])
 
 
 class Recorder:

@@ -293,6 +293,10 @@ class LLaDAV(nn.Module):
         """One [N_vis, d] block per image (anyres for a single image, base view for several).
 
         `tower`: a pruning method acting in the vision path (`tower_stage` set), with the question."""
+        if tower is not None and tower.tower_stage == "siglip_layers":  # ToMe inside SigLIP: the engine's tower loop
+            from dvlm_exp.engine.vision import tower_image_features
+
+            return tower_image_features(self, images, tower)
         if tower is not None:
             raise NotImplementedError(f"prune={tower.name}: tower stage {tower.tower_stage!r} is not wired yet")
         if len(images) == 1:

@@ -26,6 +26,21 @@ instead of inside SigLIP, so no tower layer runs on merged tokens and there is n
 attention (log-size key bias; the study uses it only inside the tower, the LLM never sees
 sizes); the metric is hidden states, not keys; all visual tokens of the request (views,
 newline tokens) form one set instead of one set per 384px view.
+
+`where: tower` is the study's port itself (LLaDA-V/eval/llava_tome/model/multimodal_encoder/
+siglip_encoder.py, `SigLipEncoderLayer.forward`; layout from `llava_arch.py`): the engine's tower
+loop (dvlm_exp/engine/vision.py) calls `tower_merge` inside every SigLIP encoder layer, after the
+attention residual, with the layer's keys as the metric:
+  A = even, B = odd tokens; keys L2-normalised; each A token's most similar B token (argmax);
+  the min(r, |A|, |B|) A tokens with the strongest matches (torch.topk) merged into their B token
+  as sum(size * h) / (sum(size) + eps) (float32, cast back), sizes summed; unmerged A tokens kept;
+  order restored by original index; the MLP runs on the reduced set.
+  r: `r` tokens per layer, or from the ratio r = round(P * (1 - ratio) / L) (P patches per view,
+  L tower layers; methods.md §4.4: 729, 26 -> keep 0.5: 14, 0.25: 21, 0.1: 25). The port's own
+  code hard-codes r = 24 (`tome_r=24` in `SigLipEncoder.forward`), i.e. prune.r=24.
+  proportional attention: log(size) added to every key's logits (`proportional_attention`).
+In that mode the method does nothing in the LLM (the model sees the merged views, laid out as
+the port flattens them: no unpad, newlines or anyres_max downscale; positions 0..n-1).
 """
 
 from __future__ import annotations
@@ -83,21 +98,81 @@ def bipartite_merge(feats: torch.Tensor, target: int, rounds: int = 26):
     return rep, assign
 
 
+WHERE = ("llm_input", "tower")
+
+
+def merge_layer(h: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, r: int):
+    """One SigLIP layer's bipartite merge, batched over views (the port's rule, module docstring).
+
+    h [V, t, d], metric [V, t, dk] (the layer's keys), sizes [V, t] float32 -> (h', sizes')."""
+    V, t, d = h.shape
+    a = torch.arange(0, t, 2, device=h.device)
+    b = torch.arange(1, t, 2, device=h.device)
+    m = min(int(r), a.numel(), b.numel())
+    if m <= 0:
+        return h, sizes
+    key = F.normalize(metric, dim=-1)
+    sim = key[:, a] @ key[:, b].transpose(1, 2)  # [V, |A|, |B|]
+    best = sim.argmax(dim=-1)
+    strength = sim.gather(-1, best[..., None])[..., 0]
+    src = torch.topk(strength, k=m, dim=-1).indices  # [V, m] merged A tokens (indices into a)
+    dst = best.gather(-1, src)  # their B tokens (indices into b)
+    hA, hB, sA, sB = h[:, a], h[:, b], sizes[:, a], sizes[:, b]
+    w = sA.gather(-1, src)
+    num = sB[..., None] * hB
+    num = num.scatter_add(1, dst[..., None].expand(-1, -1, d), hA.gather(1, src[..., None].expand(-1, -1, d)) * w[..., None])
+    den = sB.scatter_add(1, dst, w)
+    merged_b = (num / (den[..., None] + torch.finfo(den.dtype).eps)).to(h.dtype)
+    keep_a = torch.ones(V, a.numel(), dtype=torch.bool, device=h.device)
+    keep_a.scatter_(1, src, False)
+    n_a = a.numel() - m
+    place = torch.cat([a.expand(V, -1)[keep_a].view(V, n_a), b.expand(V, -1)], dim=1)
+    order = torch.argsort(place, dim=1)
+    feats = torch.cat([hA[keep_a].view(V, n_a, d), merged_b], dim=1)
+    new_sizes = torch.cat([sA[keep_a].view(V, n_a), den], dim=1)
+    return feats.gather(1, order[..., None].expand(-1, -1, d)), new_sizes.gather(1, order)
+
+
 @PRUNERS.register("tome")
 class ToMe(PruneMethod):
     layer_fields = {"layer": 0}  # config fields holding decoder-layer indices: smallest legal value
+    choices = {"where": WHERE}
+    # where=tower runs in the model's vision tower (dvlm_exp/run/validate.py: the model family
+    # must have one, and r must fit it)
+    tower_when = {"where": "tower"}
     name = "tome"
 
-    def __init__(self, rounds: int = 26, **kwargs):
+    def __init__(self, rounds: int = 26, where: str = "llm_input", r: int | None = None,
+                 proportional_attention: bool = True, **kwargs):
         super().__init__(**kwargs)
         if self.layer < 0:
             raise ValueError("prune.layer must be >= 0")
         if int(rounds) < 1:
             raise ValueError(f"prune.rounds must be >= 1, got {rounds}")
+        if where not in WHERE:
+            raise ValueError(f"prune.where must be one of {', '.join(WHERE)}, got {where!r}")
+        if r is not None and (isinstance(r, bool) or int(r) < 0):
+            raise ValueError(f"prune.r must be null (from the ratio) or an integer >= 0, got {r!r}")
         self.rounds = int(rounds)
+        self.where = where
+        self.r = None if r is None else int(r)
+        self.proportional_attention = bool(proportional_attention)
+        if where == "tower":
+            from dvlm_exp.engine.vision import TOWER_STAGE
 
+            self.tower_stage = TOWER_STAGE
+
+    # ------------------------------------------------------------ where=tower (engine/vision.py)
+    def tower_r(self, n_tokens: int, n_layers: int) -> int:
+        """Merges per tower layer: prune.r, or round(P * (1 - ratio) / L) (methods.md §4.4)."""
+        return tower_r(self.r, self.ratio, n_tokens, n_layers)
+
+    def tower_merge(self, h, metric, sizes, r):
+        return merge_layer(h, metric, sizes, r)
+
+    # ------------------------------------------------------------ where=llm_input
     def decide(self, view) -> Decision | None:
-        if view.layer != self.layer or view.n_visual == 0:
+        if self.where == "tower" or view.layer != self.layer or view.n_visual == 0:
             return None
         k = self.k(view)
         if k >= view.n_visual:
@@ -110,3 +185,15 @@ class ToMe(PruneMethod):
         src = torch.nonzero(merged).squeeze(1)
         return Decision(keep=keep, merge_src=src, merge_dst=assign[src],
                         merge_w=torch.ones(src.numel(), device=keep.device))
+
+
+def tower_r(r: int | None, ratio: float, n_tokens: int, n_layers: int) -> int:
+    if r is not None:
+        return int(r)
+    return max(0, round(n_tokens * (1.0 - float(ratio)) / max(1, int(n_layers))))
+
+
+def tower_r_limit(n_tokens: int, n_layers: int) -> int:
+    """Largest r every one of `n_layers` layers can merge in full (a layer merges at most half its
+    tokens: r <= (n - l*r) // 2 for l = 0..L-1, i.e. r <= n // (L + 1))."""
+    return n_tokens // (int(n_layers) + 1)

@@ -31,22 +31,36 @@ def score_rows_flops(n_rows: int, n_keys: int, dims: dict) -> int:
     return 2 * dims["heads"] * n_rows * n_keys * dims["head_dim"]
 
 
-def vision_flops(views: int, dims: dict, n_tokens_projected: int | None = None) -> int:
-    """SigLIP tower (conv patch embedding + layers) and the 2-layer projector, exact convention."""
+def vision_flops(views: int, dims: dict, n_tokens_projected: int | None = None,
+                 layer_tokens: list | None = None) -> int:
+    """SigLIP tower (conv patch embedding + layers) and the 2-layer projector, exact convention.
+
+    `layer_tokens`: per tower layer (tokens its attention ran on, tokens its MLP ran on), as the
+    recorder logs them for a method merging inside the tower (dvlm_exp/engine/vision.py); a layer
+    that merged also pays its bipartite matching, |A| x |B| key dot products. None: the full tower."""
     if views == 0:
         return 0
     n, d, m = dims["vision_patches"], dims["vision_d"], dims["vision_m"]
     patch = 2 * n * d * 3 * dims["patch_size"] ** 2
-    per_layer = 2 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
-    proj = 2 * n * (dims["mm_hidden"] * dims["d"] + dims["d"] * dims["d"])
-    return views * (patch + dims["vision_layers"] * per_layer + proj)
+    if not layer_tokens:
+        layer_tokens = [(n, n)] * dims["vision_layers"]
+    layers = 0
+    for t, t_mlp in layer_tokens:
+        layers += 2 * (4 * t * d * d + 2 * t * t * d + 2 * t_mlp * d * m)
+        if t_mlp < t:
+            layers += 2 * ((t + 1) // 2) * (t // 2) * d
+    n_out = layer_tokens[-1][1] if layer_tokens else n
+    proj = 2 * n_out * (dims["mm_hidden"] * dims["d"] + dims["d"] * dims["d"])
+    return views * (patch + layers + proj)
 
 
 def sample_flops(rec, dims: dict, convention: str = "exact") -> dict:
     """FLOPs of one SampleRecord and of its unpruned baseline."""
     T = dims["layers"]
     decoder = sum(c * layer_flops(nq, nk, dims, convention) for (nq, nk), c in rec.layer_calls.items())
-    base_decoder = sum(c * T * layer_flops(n, n, dims, convention) for n, c in rec.baseline_forwards.items())
+    extra = getattr(rec, "baseline_visual_extra", 0)  # a tower method shortened the LLM's input
+    base_decoder = sum(c * T * layer_flops(n + extra, n + extra, dims, convention)
+                       for n, c in rec.baseline_forwards.items())
     ar_base = getattr(rec, "baseline_layer_calls", None)
     if ar_base:  # AR prefill + cached decode (engine/ar.py): the baseline is per layer call
         base_decoder = sum(c * layer_flops(nq, nk, dims, convention) for (nq, nk), c in ar_base.items())
@@ -54,10 +68,11 @@ def sample_flops(rec, dims: dict, convention: str = "exact") -> dict:
     if convention == "exact":
         head = 2 * rec.lm_head_rows * dims["d"] * dims["vocab"]
         base_head = 2 * rec.baseline_lm_head_rows * dims["d"] * dims["vocab"]
-        vis = vision_flops(rec.vision_views, dims)
-        out.update(lm_head=head, vision=vis, scoring=rec.scoring_flops,
+        vis = vision_flops(rec.vision_views, dims, layer_tokens=getattr(rec, "vision_layer_tokens", None))
+        base_vis = vision_flops(rec.vision_views, dims)
+        out.update(lm_head=head, vision=vis, baseline_vision=base_vis, scoring=rec.scoring_flops,
                    total=decoder + head + vis + rec.scoring_flops,
-                   baseline_total=base_decoder + base_head + vis)
+                   baseline_total=base_decoder + base_head + base_vis)
     else:
         out.update(total=decoder, baseline_total=base_decoder)
     return out
