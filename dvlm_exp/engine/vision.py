@@ -73,10 +73,11 @@ def run_siglip_layers(embeddings, layers, pixel_values: torch.Tensor, method) ->
 
 
 @torch.no_grad()
-def tower_image_features(model, images: list, method) -> tuple[list[torch.Tensor], dict]:
-    """LLaDA-V-family images -> merged visual blocks (the port's layout) and what the tower ran."""
+def tower_image_features(model, images: list, method, square) -> tuple[list[torch.Tensor], dict]:
+    """LLaDA-V-family images -> merged visual blocks (the port's layout) and what the tower ran.
+
+    `square`: the model's pad-mode image -> square image (several images: one square view each)."""
     from dvlm_exp.models import llava_image
-    from dvlm_exp.models.llada_v import expand_to_square
 
     vt = model.vision_tower
     S, pps = model.image_size, model.patches_per_side
@@ -86,7 +87,7 @@ def tower_image_features(model, images: list, method) -> tuple[list[torch.Tensor
         unpruned = llava_image.num_visual_tokens(size_wh, model.grid_pinpoints, image_size=S,
                                                  patches_per_side=pps, max_tiles=model.max_tiles)
     else:
-        px = torch.stack([llava_image.siglip_preprocess(expand_to_square(im.convert("RGB")), S) for im in images])
+        px = torch.stack([llava_image.siglip_preprocess(square(im.convert("RGB")), S) for im in images])
         groups = [1] * len(images)
         unpruned = len(images) * pps * pps
     x = px.to(device=model.device, dtype=vt.embeddings.patch_embedding.weight.dtype)

@@ -296,7 +296,7 @@ class LLaDAV(nn.Module):
         if tower is not None and tower.tower_stage == "siglip_layers":  # ToMe inside SigLIP: the engine's tower loop
             from dvlm_exp.engine.vision import tower_image_features
 
-            return tower_image_features(self, images, tower)
+            return tower_image_features(self, images, tower, square=expand_to_square)
         if tower is not None:
             raise NotImplementedError(f"prune={tower.name}: tower stage {tower.tower_stage!r} is not wired yet")
         if len(images) == 1:
