@@ -296,6 +296,7 @@ def test_cli_study_tome_writes_merged_record(tmp_path):
     (["model=tiny", "prune=study_tome", "prune.r=300"], "prune.r=300 is too large for model=tiny's tower"),
     (["model=tiny_llava", "prune=study_tome"], "has no tower path"),
     (["model=tiny", "prune=tome", "prune.where=inside"], "prune.where=inside must be one of llm_input, tower"),
+    (["model=tiny", "prune=study_tome", "schedule=start_frac"], "use schedule=first_step"),
 ])
 def test_bad_tower_input_refused_before_loading(overrides, message, monkeypatch):
     from dvlm_exp.errors import ConfigError

@@ -258,6 +258,9 @@ def _check_tower(cfg: DictConfig, facts: dict) -> None:
         raise ConfigError(f"{how} acts inside the vision tower, which only the {', '.join(TOWER_FAMILIES)} family runs "
                           f"layer by layer; model={cfg.model.name} ({cfg.model.family}) has no tower path: use "
                           f"model=llada_v / tiny / sandbox, or prune.where=llm_input")
+    if str(cfg.schedule.name) != "first_step":
+        raise ConfigError(f"{how} acts once per request, in the vision tower before the first step; "
+                          f"schedule={cfg.schedule.name} would not change when: use schedule=first_step")
     r = p.get("r")
     if r is None:
         return
