@@ -139,6 +139,8 @@ def check(cfg: DictConfig, data: bool = True, weights: bool = True) -> None:
         if weights:
             check_weight_files(cfg)  # every safetensors shard present and as long as its header says
     _check_prune(cfg)
+    if cfg.prune.name == "trim":
+        _check_text_tower(cfg)
 
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit <= 0):
         raise ConfigError(f"limit={cfg.limit} must be a positive integer or null (all samples)")
@@ -239,6 +241,36 @@ def _check_prune(cfg: DictConfig) -> None:
                 raise ConfigError(
                     f"prune.{key}={val} is outside [{lo}, {depth - 1}] for model={cfg.model.name} ({depth} decoder layers)"
                 )
+
+
+def _check_text_tower(cfg: DictConfig) -> None:
+    """prune=trim needs LLaDA-V and a SigLIP text tower whose embedding size is the vision tower's
+    (dvlm_exp/models/text_tower.py), checked from config files only."""
+    from dvlm_exp.models.text_tower import DOWNLOAD_HINT, TextTowerError, text_tower_facts
+
+    m = cfg.model
+    if m.family != "llada_v":
+        raise ConfigError(f"prune={cfg.prune.name} acts in the vision path, which is wired for LLaDA-V only "
+                          f"(model=llada_v, tiny, sandbox), not model={m.name}; use a decoder-layer method")
+    path = m.get("text_tower_path")
+    if not path:
+        raise ConfigError(f"prune={cfg.prune.name} needs model.text_tower_path=/path/to/siglip: {DOWNLOAD_HINT}")
+    try:
+        dim = text_tower_facts(path)["dim"]
+    except TextTowerError as e:
+        raise ConfigError(str(e)) from e
+    if m.get("tiny") is not None:
+        vis = int(m.tiny.get("vision_hidden_size", 32))
+    else:
+        from dvlm_exp.models.checkpoint import read_config
+        from dvlm_exp.run.paths import resolve_path
+
+        c = read_config(resolve_path(m.path), m.get("model_type", "llava_llada"))
+        vis = int(c.get("mm_hidden_size", 1152))
+    if dim != vis:
+        raise ConfigError(f"model.text_tower_path={path}: its text embedding has {dim} dims, the vision tower's "
+                          f"features {vis}; TRIM dots them directly, so use the SigLIP checkpoint the vision "
+                          f"tower comes from ({DOWNLOAD_HINT})")
 
 
 # choices every method has (dvlm_exp/pruning/base.py: position_ids, ROUNDING; tests/test_layout.py keeps them equal)
