@@ -194,6 +194,10 @@ def test_trim_options(trim_model, inputs):  # noqa: F811
     last, _ = trim_model.image_features([img], tower=TRIM(ratio=0.25, features="last", append_mean=False),
                                         question=QUESTION)
     assert last[0].shape[0] == base[0].shape[0] - 1
+    # k as the port's token_reduction computes it from PRUNING_RATIO (the fraction dropped)
+    for n in (729, 100, 2):
+        for keep in (0.1, 0.25, 0.35, 0.5, 0.999, 1.0, 1e-4):
+            assert TRIM(ratio=keep).keep_count(n) == max(1, min(n - 1, int(n * (1.0 - (1.0 - keep))))), (n, keep)
 
 
 def test_text_tower_flops_match_flop_counter(text_tower_dir):
