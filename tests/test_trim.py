@@ -181,6 +181,30 @@ def test_study_trim_generate_matches_port(trim_model, inputs, image, gen, ratio)
     assert set(rec.baseline_forwards) == {n_prompt + gen[0]}
 
 
+def test_study_trim_several_images_match_port(trim_model, inputs):  # noqa: F811
+    """Several images: the port's wrapper forces image_aspect_ratio "pad" (one square view each), the
+    views are reduced in one batch, and each image's block (the single-image branch + newline) is cut
+    to actual_dims = k + 1."""
+    from dvlm_exp.models import llava_image
+    from dvlm_exp.models.llada_v import expand_to_square
+
+    imgs = [inputs["case_500x300"][1], inputs["portrait_320x480"][1]]
+    method, _, _ = preset("study_trim", 0.25)
+    blocks, info = trim_model.image_features(imgs, tower=method, question=QUESTION)
+    px = torch.stack([llava_image.siglip_preprocess(expand_to_square(im), trim_model.image_size) for im in imgs])
+    with torch.no_grad():
+        feats = trim_model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states[
+            int(trim_model.config["mm_vision_select_layer"])]
+        tt = trim_model.text_tower
+        text = port_encode_texts_chunked(tt.model, tt.tokenizer, QUESTION).expand(len(imgs), -1)
+        padded, dims, _ = port_token_reduction(feats, trim_model.vision_tower.post_layernorm, text, 0.75)
+        proj = trim_model.mm_projector(padded)
+    for i, blk in enumerate(blocks):
+        ref = torch.cat([proj[i], trim_model.image_newline[None]])[:dims[i]]
+        assert torch.equal(blk, ref), i
+    assert info["n_visual_full"] == 2 * 729 and info["views"] == 2
+
+
 def test_trim_options(trim_model, inputs):  # noqa: F811
     """similarity: similar keeps the other end; views: all keeps every view's k + 1; features: last."""
     from dvlm_exp.pruning.trim import TRIM
