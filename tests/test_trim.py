@@ -199,6 +199,7 @@ def test_study_trim_several_images_match_port(trim_model, inputs):  # noqa: F811
         text = port_encode_texts_chunked(tt.model, tt.tokenizer, QUESTION).expand(len(imgs), -1)
         padded, dims, _ = port_token_reduction(feats, trim_model.vision_tower.post_layernorm, text, 0.75)
         proj = trim_model.mm_projector(padded)
+    assert len(blocks) == len(imgs)
     for i, blk in enumerate(blocks):
         ref = torch.cat([proj[i], trim_model.image_newline[None]])[:dims[i]]
         assert torch.equal(blk, ref), i
