@@ -30,7 +30,7 @@ class UnknownNameError(ValueError):
     pass
 
 
-FACT_KEYS = ("layer_fields", "choices", "requires", "tower_stage", "tower_when")
+FACT_KEYS = ("layer_fields", "choices", "requires", "tower_stage", "tower_when", "needs_text_tower")
 
 
 class Registry:

@@ -56,14 +56,27 @@ def test_every_yaml_names_a_registered_class_and_every_class_has_a_yaml():
     assert families <= set(MODEL_FAMILIES.names())
 
 
+@pytest.fixture(scope="module")
+def text_tower_dir(tmp_path_factory):
+    """TRIM's SigLIP text tower for the tiny model (dvlm_exp/models/tiny_text_tower.py)."""
+    from dvlm_exp.models.tiny_text_tower import write_tiny_text_tower
+
+    return write_tiny_text_tower(tmp_path_factory.mktemp("siglip_text_tiny"), dim=32)
+
+
 @pytest.mark.parametrize("prune", PRUNES)
-def test_prune_preset_composes_checks_and_generates(prune, tiny_model, doc_images):
+def test_prune_preset_composes_checks_and_generates(prune, tiny_model, doc_images, text_tower_dir):
     from dvlm_exp.decoding.generator import GenPreset, Generator
     from dvlm_exp.run.build import build_pruner, build_schedule, compose_config
     from dvlm_exp.run.validate import check
 
-    cfg = compose_config([f"prune={prune}", "ratio=0.5", *_fit_tiny(prune)])
+    tower = ["model=tiny", f"model.text_tower_path={text_tower_dir}"] if prune == "trim" else []  # tiny_model's tower: 32
+    cfg = compose_config([f"prune={prune}", "ratio=0.5", *_fit_tiny(prune), *tower])
     check(cfg, data=False)
+    if tower:
+        from dvlm_exp.models.text_tower import TextTower
+
+        object.__setattr__(tiny_model, "text_tower", TextTower.from_pretrained(text_tower_dir))
     pruner = build_pruner(cfg)
     preset = GenPreset(gen_length=8, block_length=8, steps=4, think=None, stop=[])
     gen = Generator(tiny_model, pruner, build_schedule(cfg), preset,
@@ -73,7 +86,10 @@ def test_prune_preset_composes_checks_and_generates(prune, tiny_model, doc_image
     assert len(rec.output_ids) == 8 and rec.n_forwards == 4
     # every method changes what some layer sees, at some step (VisiPruner's thresholds are on
     # LLaVA's scale and adaptive: on the random tiny model they may never fire)
-    if prune not in ("none", "visipruner"):
+    if getattr(pruner, "tower_stage", None):  # acts before the LLM: every layer sees the reduced set
+        full, _ = tiny_model.prepare(tiny_model.prompt_ids("What is the total?"), [doc_images[0]], 8)
+        assert set(rec.kept_by_step_layer.values()) == {rec.n_visual} and rec.n_visual < full.n_visual(), prune
+    elif prune not in ("none", "visipruner"):
         n = rec.n_visual
         assert any(v != n for v in rec.kept_by_step_layer.values()), prune
 
@@ -175,13 +191,13 @@ def test_bad_method_and_schedule_settings_fail_before_loading(args, needle):
     assert needle in str(e.value)
 
 
-def test_methods_run_end_to_end_through_the_cli(tmp_path):
+def test_methods_run_end_to_end_through_the_cli(tmp_path, text_tower_dir):
     from test_cli import check_record, run_cli
 
     fits = [p for p in PRUNES if p != "none" and not _fit_tiny(p)]
-    assert {"fastv", "random", "redvtp"} <= set(fits)
+    assert {"fastv", "random", "redvtp", "trim"} <= set(fits)
     p = run_cli("-m", "model=tiny", "task=synth_docvqa", f"prune={','.join(fits)}", "ratio=0.5", "limit=1",
-                f"hydra.sweep.dir={tmp_path}", timeout=900)
+                f"hydra.sweep.dir={tmp_path}", f"model.text_tower_path={text_tower_dir}", timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = sorted(d for d in Path(tmp_path).iterdir() if (d / "results.json").exists())
     assert len(jobs) == len(fits)

@@ -51,7 +51,8 @@ CHECK = [
 REFUSED = {  # command -> the model whose download the error must name
     "python run.py model=llada_v model.path=/data/LLaDA-V prune=fastv prune.layer=20 ratio=0.35": "GSAI-ML/LLaDA-V",
     "python run.py model=llada_v model.path=/data/LLaDA-V prune=redvtp ratio=0.5 task=docvqa_val": "GSAI-ML/LLaDA-V",
-    "python run.py -m +sweep=study_table1 model.path=/data/LLaDA-V hydra/launcher=slurm": "GSAI-ML/LLaDA-V",
+    "python run.py -m +sweep=study_table1 model.path=/data/LLaDA-V model.text_tower_path=/data/siglip-so400m-patch14-384 hydra/launcher=slurm":
+        "GSAI-ML/LLaDA-V",
     "python scripts/analyze.py model=llada_v model.path=/data/LLaDA-V task=docvqa_val limit=4 prune=fastv prune.layer=20":
         "GSAI-ML/LLaDA-V",
 }

@@ -46,6 +46,12 @@ def fake_ckpts(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"{model}_config_only")
         shutil.copy(cfg, d / "config.json")  # validation reads config.json only (model depth)
         out[model] = d
+    # TRIM's text tower (study_table1): google/siglip-so400m-patch14-384's config (dims as released) and an
+    # empty tokenizer file; validation reads config.json and looks for the tokenizer only
+    d = tmp_path_factory.mktemp("siglip_config_only")
+    shutil.copy(REPO / "tests" / "data" / "siglip_so400m_config.json", d / "config.json")
+    (d / "spiece.model").write_bytes(b"")
+    out["text_tower"] = d
     return out
 
 
@@ -94,6 +100,8 @@ def test_every_job_validates(sj, name, fake_ckpts, study_gen_by_model):
     on the AR baselines, with the lmms-eval task's max_new_tokens."""
     cfg = sj.compose([f"+sweep={name}"])
     extra = [f"model.path={fake_ckpts.get(cfg.model.name, fake_ckpts['llada_v'])}"] if cfg.model.get("tiny") is None else []
+    if "text_tower_path" in cfg.model:  # the user's required override for TRIM's jobs (sweep headers)
+        extra.append(f"model.text_tower_path={fake_ckpts['text_tower']}")
     study_gen = study_gen_by_model.get(cfg.model.name)
     study = cfg.sweep.get("paper") == "dmllm_redundancy_study"
     jobs, _ = sj.expand(name)

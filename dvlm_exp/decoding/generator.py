@@ -84,6 +84,7 @@ class Generator:
         rec.n_visual = info["n_visual"]
         rec.vision_views = info.get("views", 0)
         rec.tower(info)  # tower methods: tokens per tower layer, the unpruned visual count
+        rec.scoring_flops += int(info.get("method_flops", 0))  # vision-path method overhead (TRIM's text tower)
         stops = list(p.stop) + (list(until) if (until and p.honor_until) else [])
         out_ids, _ = self.sampler.generate(self.engine, seq, self.model.stop_ids(stops))
         if torch.cuda.is_available():

@@ -1,4 +1,7 @@
-"""The vision tower's layer loop, for methods that act inside SigLIP (ToMe as the dMLLM study ran it).
+"""The vision path for methods that act before the LLM: the tower's layer loop with a merge inside
+every SigLIP layer (ToMe as the dMLLM study ran it, `tower_stage == "siglip_layers"`), and the
+tower features reduced against the question before the projector (TRIM, `tower_stage ==
+"output"`, at the end of this file).
 
 The model exposes its tower parts (`vision_tower.embeddings`, `vision_tower.encoder.layers`,
 each a transformers `SiglipEncoderLayer` with `layer_norm1`, `self_attn.{q,k,v,out}_proj`,
@@ -72,24 +75,28 @@ def run_siglip_layers(embeddings, layers, pixel_values: torch.Tensor, method) ->
     return TowerRun(h, sizes, record)
 
 
+def _views(model, images: list, square) -> tuple[torch.Tensor, list[int], int]:
+    """Pixel views [V,3,S,S], views per image, and the visual tokens the unpruned path would give:
+    anyres for one image, one square (pad) view per image for several (the official eval)."""
+    from dvlm_exp.models import llava_image
+
+    S, pps = model.image_size, model.patches_per_side
+    if len(images) == 1:
+        px, size_wh = llava_image.process_image(images[0], model.grid_pinpoints, S)
+        unpruned = llava_image.num_visual_tokens(size_wh, model.grid_pinpoints, image_size=S,
+                                                 patches_per_side=pps, max_tiles=model.max_tiles)
+        return px, [int(px.shape[0])], int(unpruned)
+    px = torch.stack([llava_image.siglip_preprocess(square(im.convert("RGB")), S) for im in images])
+    return px, [1] * len(images), len(images) * pps * pps
+
+
 @torch.no_grad()
 def tower_image_features(model, images: list, method, square) -> tuple[list[torch.Tensor], dict]:
     """LLaDA-V-family images -> merged visual blocks (the port's layout) and what the tower ran.
 
     `square`: the model's pad-mode image -> square image (several images: one square view each)."""
-    from dvlm_exp.models import llava_image
-
     vt = model.vision_tower
-    S, pps = model.image_size, model.patches_per_side
-    if len(images) == 1:
-        px, size_wh = llava_image.process_image(images[0], model.grid_pinpoints, S)
-        groups = [int(px.shape[0])]
-        unpruned = llava_image.num_visual_tokens(size_wh, model.grid_pinpoints, image_size=S,
-                                                 patches_per_side=pps, max_tiles=model.max_tiles)
-    else:
-        px = torch.stack([llava_image.siglip_preprocess(square(im.convert("RGB")), S) for im in images])
-        groups = [1] * len(images)
-        unpruned = len(images) * pps * pps
+    px, groups, unpruned = _views(model, images, square)
     x = px.to(device=model.device, dtype=vt.embeddings.patch_embedding.weight.dtype)
     run = run_siglip_layers(vt.embeddings, vt.encoder.layers, x, method)
     proj = model.mm_projector(run.features.to(model.mm_projector[0].weight.dtype))  # [V, n, d]
@@ -102,4 +109,55 @@ def tower_image_features(model, images: list, method, square) -> tuple[list[torc
         start += g
     info = {"views": int(px.shape[0]), "n_visual_unpruned": int(unpruned),
             "vision_layer_tokens": [list(t) for t in run.layer_tokens], "tower_sizes": run.sizes}
+    return blocks, info
+
+
+# ----------------------------------------------------------------------------------- TRIM
+# tower_stage "output" (dvlm_exp/pruning/trim.py): the tower's features at the port's layer, the
+# method's per-view reduction against the question's SigLIP text embedding, then the projector.
+
+
+def tower_layer_features(model, pixel_values: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """[V,3,S,S] -> tower hidden states [V, N, dv] of `layer` (an index into (embeddings, layer 1,
+    ..., layer L) as `hidden_states[layer]` in the port's `feature_select`; None: the last layer,
+    which is what LLaDA-V's unpruned path uses). No post_layernorm."""
+    vt = model.vision_tower
+    h = vt.embeddings(pixel_values.to(device=model.device, dtype=vt.embeddings.patch_embedding.weight.dtype))
+    states = [h]
+    for blk in vt.encoder.layers:
+        h = blk(h, None)
+        states.append(h)
+    return states[-1 if layer is None else layer]
+
+
+@torch.no_grad()
+def trim_image_features(model, images: list, method, question: str | None, square) -> tuple[list[torch.Tensor], dict]:
+    """One [n, d] block per image, as the port's tower + llava_arch give them to the LLM (`square`: the
+    model's pad-to-square for several images)."""
+    from dvlm_exp.models.text_tower import DOWNLOAD_HINT
+
+    tt = getattr(model, "text_tower", None)
+    if tt is None:
+        raise ValueError(f"prune={method.name} needs the SigLIP text tower: set model.text_tower_path "
+                         f"({DOWNLOAD_HINT})")
+    if question is None:
+        raise ValueError(f"prune={method.name} needs the question text")
+    px, groups, n_full = _views(model, images, square)
+    layer = int(model.config.get("mm_vision_select_layer", -1)) if method.features == "select_layer" else None
+    feats = tower_layer_features(model, px, layer)  # [V, N, dv]
+    text = tt.encode(question)  # [1, D]
+    if text.shape[-1] != feats.shape[-1]:
+        raise ValueError(f"prune={method.name}: the text tower's embedding ({text.shape[-1]}) and the vision "
+                         f"tower's features ({feats.shape[-1]}) differ in size; the port dots them directly")
+    normed = model.vision_tower.post_layernorm(feats)
+    padded, n_keep, kept = method.reduce(feats, normed, text)  # [V, N, dv], tokens per view, indices per view
+    proj = model.mm_projector(padded.to(model.mm_projector[0].weight.dtype))  # the port projects all N rows
+    blocks, v0 = [], 0
+    for g in groups:
+        views = range(v0, v0 + (1 if method.views == "first" else g))
+        blocks.append(torch.cat([proj[v, :n_keep] for v in views]))
+        v0 += g
+    n_windows = len(tt.windows(question))
+    info = {"views": int(px.shape[0]), "kept_indices": [k.tolist() for k in kept],
+            "n_visual_full": int(n_full), "method_flops": tt.flops(n_windows)}
     return blocks, info

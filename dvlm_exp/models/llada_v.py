@@ -297,6 +297,10 @@ class LLaDAV(nn.Module):
             from dvlm_exp.engine.vision import tower_image_features
 
             return tower_image_features(self, images, tower, square=expand_to_square)
+        if tower is not None and tower.tower_stage == "output":  # TRIM: after the tower, before the projector
+            from dvlm_exp.engine.vision import trim_image_features
+
+            return trim_image_features(self, images, tower, question, square=expand_to_square)
         if tower is not None:
             raise NotImplementedError(f"prune={tower.name}: tower stage {tower.tower_stage!r} is not wired yet")
         if len(images) == 1:
@@ -416,12 +420,15 @@ class LLaDAV(nn.Module):
         emb = torch.cat(pieces)
         role = torch.cat(roles).to(self.device)
         P = emb.shape[0]
+        n_vis = int((role == Roles.VISUAL).sum())
+        # a vision-path method that shortened the blocks: the unpruned lengths stay the baseline
+        dropped = int(info["n_visual_full"]) - n_vis if info.get("n_visual_full") is not None else 0
         seq = Sequence(
             prompt_embeds=emb, roles=role, positions=torch.arange(P, device=self.device),
             response_ids=torch.full((gen_length,), self.mask_id, dtype=torch.long, device=self.device),
-            prompt_len0=P, mask_id=self.mask_id,
+            prompt_len0=P + dropped, mask_id=self.mask_id, n_visual0=n_vis + dropped,
         )
-        info = dict(info, n_visual=int((role == Roles.VISUAL).sum()), prompt_len=P)
+        info = dict(info, n_visual=n_vis, prompt_len=P)
         return seq, info
 
     def stop_ids(self, stops: list[str]) -> list[list[int]]:

@@ -65,7 +65,16 @@ def load_model(cfg: DictConfig):
         family = MODEL_FAMILIES.get(m.family)
         _MODEL_CACHE[key] = family.from_pretrained(path, dtype=m.dtype, device=m.device,
                                                    resize_vocab=bool(m.get("resize_vocab", True)))
-    return _MODEL_CACHE[key]
+    model = _MODEL_CACHE[key]
+    text_path = m.get("text_tower_path")
+    if text_path and getattr(model, "text_tower_path", None) != str(text_path):  # TRIM's question encoder
+        from dvlm_exp.models.llada_v import resolve_device
+        from dvlm_exp.models.text_tower import TextTower
+
+        # a plain attribute, not a submodule: the LLaDA-V module's parameters stay the checkpoint's
+        object.__setattr__(model, "text_tower", TextTower.from_pretrained(text_path, device=resolve_device(m.device)))
+        model.text_tower_path = str(text_path)
+    return model
 
 
 def build_pruner(cfg: DictConfig):

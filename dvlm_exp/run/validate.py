@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dvlm_exp.registry import MODEL_FAMILIES, PRUNERS, SCHEDULES, UnknownNameError
 
 from dvlm_exp.errors import ConfigError
+from dvlm_exp.run.tower_checks import check_text_tower, check_tower
 
 
 # model.dtype names the loaders accept (dvlm_exp/models/llada_v.py `_DTYPES`, used by every family;
@@ -224,7 +225,9 @@ def _check_prune(cfg: DictConfig) -> None:
         for other, want in by_value.get(p.get(key), {}).items():
             if p.get(other) != want:
                 raise ConfigError(f"prune.{key}={p[key]} uses {other}={want}: add prune.{other}={want}")
-    _check_tower(cfg, facts)
+    check_tower(cfg, facts)
+    if facts.get("needs_text_tower"):
+        check_text_tower(cfg)
     declared = facts.get("layer_fields", {"layer": 0})
     fields = {k: 0 for k in p if LAYER_FIELD.search(str(k))} | {k: lo for k, lo in declared.items() if k in p}
     if not fields:
@@ -240,55 +243,6 @@ def _check_prune(cfg: DictConfig) -> None:
                 raise ConfigError(
                     f"prune.{key}={val} is outside [{lo}, {depth - 1}] for model={cfg.model.name} ({depth} decoder layers)"
                 )
-
-
-# model families whose vision path runs a tower method (dvlm_exp/engine/vision.py; the others refuse it)
-TOWER_FAMILIES = ("llada_v",)
-
-
-def _check_tower(cfg: DictConfig, facts: dict) -> None:
-    """A method acting in the vision tower (class fact `tower_stage`, or `tower_when` {field: value}):
-    the model family must have a tower path, and ToMe's per-layer r must fit the tower."""
-    p = cfg.prune
-    when = facts.get("tower_when") or {}
-    if not facts.get("tower_stage") and not (when and all(p.get(k) == v for k, v in when.items())):
-        return
-    how = ", ".join(f"prune.{k}={v}" for k, v in when.items()) or f"prune={p.name}"
-    if str(cfg.model.family) not in TOWER_FAMILIES:
-        raise ConfigError(f"{how} acts inside the vision tower, which only the {', '.join(TOWER_FAMILIES)} family runs "
-                          f"layer by layer; model={cfg.model.name} ({cfg.model.family}) has no tower path: use "
-                          f"model=llada_v / tiny / sandbox, or prune.where=llm_input")
-    if str(cfg.schedule.name) != "first_step":
-        raise ConfigError(f"{how} acts once per request, in the vision tower before the first step; "
-                          f"schedule={cfg.schedule.name} would not change when: use schedule=first_step")
-    r = p.get("r")
-    if r is None:
-        return
-    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-        raise ConfigError(f"prune.r={r} must be null (from the ratio) or an integer >= 0 (tokens merged per tower layer)")
-    patches, layers = tower_size(cfg)
-    limit = patches // (layers + 1)  # dvlm_exp/pruning/tome.py tower_r_limit
-    if r > limit:
-        raise ConfigError(f"prune.r={r} is too large for model={cfg.model.name}'s tower ({patches} patches per view, "
-                          f"{layers} layers): a layer merges at most half its tokens, so r <= {limit}; "
-                          f"use prune.r<={limit} or prune.r=null (r from the ratio)")
-
-
-def tower_size(cfg: DictConfig) -> tuple[int, int]:
-    """(patches per view, encoder layers run) of the configured LLaDA-V-family tower, from config files."""
-    m = cfg.model
-    if m.get("tiny") is not None:
-        t = m.tiny
-        return (int(t.image_size) // int(t.patch_size)) ** 2, int(t.vision_layers)
-    from dvlm_exp.models.checkpoint import CheckpointError
-    from dvlm_exp.reporting.plan import dims_from_config
-    from dvlm_exp.run.paths import resolve_path
-
-    try:
-        d = dims_from_config(resolve_path(m.path))
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from e
-    return int(d["vision_patches"]), int(d["vision_layers"])
 
 
 # choices every method has (dvlm_exp/pruning/base.py: position_ids, ROUNDING; tests/test_layout.py keeps them equal)

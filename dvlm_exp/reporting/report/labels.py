@@ -34,6 +34,8 @@ METHOD_LABELS = {
     "vtw": "VTW",
     "study_vtw": "VTW",
     "tome": "ToMe",
+    "trim": "TRIM",
+    "study_trim": "TRIM",
     "visipruner": "VisiPruner",
     "skip": "LayerSkip",
 }

@@ -1,0 +1,85 @@
+"""Config checks for pruning methods that act in the vision path (ToMe inside SigLIP, TRIM before
+the projector), from config files only: called by dvlm_exp.run.validate before any weight loads."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from dvlm_exp.errors import ConfigError
+
+
+# model families whose vision path runs a tower method (dvlm_exp/engine/vision.py; the others refuse it)
+TOWER_FAMILIES = ("llada_v",)
+
+
+def check_tower(cfg: DictConfig, facts: dict) -> None:
+    """A method acting in the vision tower (class fact `tower_stage`, or `tower_when` {field: value}):
+    the model family must have a tower path, and ToMe's per-layer r must fit the tower."""
+    p = cfg.prune
+    when = facts.get("tower_when") or {}
+    if not facts.get("tower_stage") and not (when and all(p.get(k) == v for k, v in when.items())):
+        return
+    how = ", ".join(f"prune.{k}={v}" for k, v in when.items()) or f"prune={p.name}"
+    if str(cfg.model.family) not in TOWER_FAMILIES:
+        alt = "prune.where=llm_input" if when else "a decoder-layer method"
+        raise ConfigError(f"{how} acts in the vision path, which only the {', '.join(TOWER_FAMILIES)} family exposes "
+                          f"to methods; model={cfg.model.name} ({cfg.model.family}) has no tower path: use "
+                          f"model=llada_v / tiny / sandbox, or {alt}")
+    if str(cfg.schedule.name) != "first_step":
+        raise ConfigError(f"{how} acts once per request, in the vision tower before the first step; "
+                          f"schedule={cfg.schedule.name} would not change when: use schedule=first_step")
+    r = p.get("r")
+    if r is None:
+        return
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ConfigError(f"prune.r={r} must be null (from the ratio) or an integer >= 0 (tokens merged per tower layer)")
+    patches, layers = tower_size(cfg)
+    limit = patches // (layers + 1)  # dvlm_exp/pruning/tome.py tower_r_limit
+    if r > limit:
+        raise ConfigError(f"prune.r={r} is too large for model={cfg.model.name}'s tower ({patches} patches per view, "
+                          f"{layers} layers): a layer merges at most half its tokens, so r <= {limit}; "
+                          f"use prune.r<={limit} or prune.r=null (r from the ratio)")
+
+
+def tower_size(cfg: DictConfig) -> tuple[int, int]:
+    """(patches per view, encoder layers run) of the configured LLaDA-V-family tower, from config files."""
+    m = cfg.model
+    if m.get("tiny") is not None:
+        t = m.tiny
+        return (int(t.image_size) // int(t.patch_size)) ** 2, int(t.vision_layers)
+    from dvlm_exp.models.checkpoint import CheckpointError
+    from dvlm_exp.reporting.plan import dims_from_config
+    from dvlm_exp.run.paths import resolve_path
+
+    try:
+        d = dims_from_config(resolve_path(m.path))
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    return int(d["vision_patches"]), int(d["vision_layers"])
+
+
+def check_text_tower(cfg: DictConfig) -> None:
+    """prune=trim needs LLaDA-V and a SigLIP text tower whose embedding size is the vision tower's
+    (dvlm_exp/models/text_tower.py), checked from config files only."""
+    from dvlm_exp.models.text_tower import DOWNLOAD_HINT, TextTowerError, text_tower_facts
+
+    m = cfg.model  # the family was checked by check_tower (TRIM's tower_stage)
+    path = m.get("text_tower_path")
+    if not path:
+        raise ConfigError(f"prune={cfg.prune.name} needs model.text_tower_path=/path/to/siglip: {DOWNLOAD_HINT}")
+    try:
+        dim = text_tower_facts(path)["dim"]
+    except TextTowerError as e:
+        raise ConfigError(str(e)) from e
+    if m.get("tiny") is not None:
+        vis = int(m.tiny.get("vision_hidden_size", 32))
+    else:
+        from dvlm_exp.models.checkpoint import read_config
+        from dvlm_exp.run.paths import resolve_path
+
+        c = read_config(resolve_path(m.path), m.get("model_type", "llava_llada"))
+        vis = int(c.get("mm_hidden_size", 1152))
+    if dim != vis:
+        raise ConfigError(f"model.text_tower_path={path}: its text embedding has {dim} dims, the vision tower's "
+                          f"features {vis}; TRIM dots them directly, so use the SigLIP checkpoint the vision "
+                          f"tower comes from ({DOWNLOAD_HINT})")
