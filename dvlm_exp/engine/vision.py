@@ -97,7 +97,7 @@ def _views(model, images: list, square) -> tuple[torch.Tensor, list[int], int]:
 
 @torch.no_grad()
 def tower_image_features(model, images: list, method, square) -> tuple[list[torch.Tensor], dict]:
-    """LLaDA-V-family images -> merged visual blocks (the port's layout) and what the tower ran.
+    """LLaDA-V / LaViDa images -> merged visual blocks (the port's layout) and what the tower ran.
 
     `square`: the model's pad-mode image -> square image (several images: one square view each)."""
     vt = model.vision_tower
