@@ -225,3 +225,27 @@ def test_study_tome_lavida_passes_validation(ckpt):
         cfg = build.compose_config(["model=lavida_dream", f"model.path={ckpt}", "task=synth_docvqa", "limit=1",
                                     "prune=study_tome_lavida", f"ratio={ratio}"])
         validate.check(cfg, data=False)
+
+
+def test_cli_study_tome_lavida_writes_merged_record(ckpt, tmp_path):
+    """run.py end to end on the tiny LaViDa-Dream checkpoint: every view merged to 729 - 2 r tokens (no pooling)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, DVLM_OUTPUTS=str(tmp_path))
+    r = subprocess.run([sys.executable, str(REPO / "run.py"), "model=lavida_dream", f"model.path={ckpt}",
+                        "prune=study_tome_lavida", "ratio=0.5", "task=synth_docvqa", "limit=1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (res,) = list(tmp_path.glob("runs/*/*/results.json"))
+    rec = json.loads(res.read_text())
+    tok, ex = rec["tokens"], rec["flops"]["by_convention"]["exact"]
+    assert rec["config"]["prune"]["where"] == "tower" and rec["prune_preset"]["preset"] == "study_tome_lavida"
+    kept = tok["visual_kept_per_sample"][0]
+    assert kept > 0 and kept % (729 - 2 * 25) == 0  # whole merged views, no 14x14 pooling, no newline
+    assert kept != tok["visual_per_sample"][0]  # the baseline is LaViDa's unpruned (pooled) count
+    assert 0 < ex["vision"] != ex["baseline_vision"] > 0
