@@ -108,7 +108,8 @@ def tower_image_features(model, images: list, method, square) -> tuple[list[torc
     blocks, start = [], 0
     for g in groups:
         blk = proj[start:start + g].reshape(-1, proj.shape[-1])
-        if len(images) == 1 and g == 1 and "unpad" in str(model.config.get("mm_patch_merge_type", "")):
+        lone_anyres_view = len(images) == 1 and g == 1 and getattr(model, "anyres", True)  # not a pad batch
+        if lone_anyres_view and "unpad" in str(model.config.get("mm_patch_merge_type", "")):
             blk = torch.cat([blk, model.image_newline.to(blk.dtype)[None]])
         blocks.append(blk)
         start += g
