@@ -20,7 +20,9 @@ feeds the encoder output to the projector). Without such a method the model keep
 (transformers' encoder, untouched): this loop is never entered.
 
 `tower_image_features` turns images into the LLM's visual blocks the way the study's ToMe
-`llava_arch.py` does: every view merged separately (one batch, the same r), projected, and the
+`llava_arch.py` does (LLaDA-V's, and LaViDa's, whose `get_2dPool` line for images is commented
+out in that port: the merged views are NOT pooled to 14x14, so a token count that is no longer a
+square never has to be pooled): every view merged separately (one batch, the same r), projected, and the
 views of an image concatenated in order (base view, then tiles), with no unpad, no anyres_max
 downscale and no newline tokens; a lone view (an image that yields one view) gets the one trailing
 `image_newline` of the spatial branch when the merge type says "unpad". Several images are one
@@ -81,10 +83,13 @@ def _views(model, images: list, square) -> tuple[torch.Tensor, list[int], int]:
     from dvlm_exp.models import llava_image
 
     S, pps = model.image_size, model.patches_per_side
-    if len(images) == 1:
+    if len(images) == 1 and getattr(model, "anyres", True):
         px, size_wh = llava_image.process_image(images[0], model.grid_pinpoints, S)
-        unpruned = llava_image.num_visual_tokens(size_wh, model.grid_pinpoints, image_size=S,
-                                                 patches_per_side=pps, max_tiles=model.max_tiles)
+        if hasattr(model, "num_image_tokens"):  # LaViDa: its unpruned path pools every view (14x14)
+            unpruned = model.num_image_tokens(size_wh) if px.shape[0] > 1 else model.pooled_side ** 2 + 1
+        else:
+            unpruned = llava_image.num_visual_tokens(size_wh, model.grid_pinpoints, image_size=S,
+                                                     patches_per_side=pps, max_tiles=model.max_tiles)
         return px, [int(px.shape[0])], int(unpruned)
     px = torch.stack([llava_image.siglip_preprocess(square(im.convert("RGB")), S) for im in images])
     return px, [1] * len(images), len(images) * pps * pps
@@ -92,7 +97,7 @@ def _views(model, images: list, square) -> tuple[torch.Tensor, list[int], int]:
 
 @torch.no_grad()
 def tower_image_features(model, images: list, method, square) -> tuple[list[torch.Tensor], dict]:
-    """LLaDA-V-family images -> merged visual blocks (the port's layout) and what the tower ran.
+    """LLaDA-V / LaViDa images -> merged visual blocks (the port's layout) and what the tower ran.
 
     `square`: the model's pad-mode image -> square image (several images: one square view each)."""
     vt = model.vision_tower
@@ -103,7 +108,8 @@ def tower_image_features(model, images: list, method, square) -> tuple[list[torc
     blocks, start = [], 0
     for g in groups:
         blk = proj[start:start + g].reshape(-1, proj.shape[-1])
-        if len(images) == 1 and g == 1 and "unpad" in str(model.config.get("mm_patch_merge_type", "")):
+        lone_anyres_view = len(images) == 1 and g == 1 and getattr(model, "anyres", True)  # not a pad batch
+        if lone_anyres_view and "unpad" in str(model.config.get("mm_patch_merge_type", "")):
             blk = torch.cat([blk, model.image_newline.to(blk.dtype)[None]])
         blocks.append(blk)
         start += g

@@ -250,6 +250,10 @@ class _LaViDa:
 
     def image_features(self, images: list, tower=None, question: str | None = None) -> tuple[list[torch.Tensor], dict]:
         """One [N_vis, d] block per image: pooled anyres for one image, 729 flat per image else."""
+        if tower is not None and tower.tower_stage == "siglip_layers":  # ToMe inside SigLIP (the port: no pooling)
+            from dvlm_exp.engine.vision import tower_image_features
+
+            return tower_image_features(self, images, tower, square=expand_to_square)
         if tower is not None:
             raise ValueError(f"{self.family}: prune={tower.name} in the vision tower is implemented for "
                              "LLaDA-V only; use a decoder-layer method")

@@ -39,6 +39,9 @@ attention residual, with the layer's keys as the metric:
   L tower layers; methods.md §4.4: 729, 26 -> keep 0.5: 14, 0.25: 21, 0.1: 25). The port's own
   code hard-codes r = 24 (`tome_r=24` in `SigLipEncoder.forward`), i.e. prune.r=24.
   proportional attention: log(size) added to every key's logits (`proportional_attention`).
+  `r_by_ratio` {"keep": r}: r per keep ratio, read from a table (the study's LaViDa port:
+  LaViDa/eval/llava_tome/.../siglip_encoder.py `SigLipEncoder.forward` runs `tome_r=27` with the note
+  "729, 196: 25, 26, 27", sweeps/prune/study_tome_lavida.yaml); a ratio not in the table is refused.
 In that mode the method does nothing in the LLM (the model sees the merged views, laid out as
 the port flattens them: no unpad, newlines or anyres_max downscale; positions 0..n-1).
 """
@@ -143,7 +146,7 @@ class ToMe(PruneMethod):
     name = "tome"
 
     def __init__(self, rounds: int = 26, where: str = "llm_input", r: int | None = None,
-                 proportional_attention: bool = True, **kwargs):
+                 proportional_attention: bool = True, r_by_ratio: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if self.layer < 0:
             raise ValueError("prune.layer must be >= 0")
@@ -156,6 +159,12 @@ class ToMe(PruneMethod):
         self.rounds = int(rounds)
         self.where = where
         self.r = None if r is None else int(r)
+        self.r_by_ratio = None
+        if r_by_ratio is not None:
+            if r is not None:
+                raise ValueError("set prune.r or prune.r_by_ratio, not both")
+            self.r_by_ratio = {ratio_key(k): v for k, v in dict(r_by_ratio).items()}
+            self.r = table_r(self.r_by_ratio, self.ratio)
         self.proportional_attention = bool(proportional_attention)
         if where == "tower":
             from dvlm_exp.engine.vision import TOWER_STAGE
@@ -191,6 +200,23 @@ def tower_r(r: int | None, ratio: float, n_tokens: int, n_layers: int) -> int:
     if r is not None:
         return int(r)
     return max(0, round(n_tokens * (1.0 - float(ratio)) / max(1, int(n_layers))))
+
+
+def ratio_key(ratio) -> str:
+    """The key of a keep ratio in `r_by_ratio` ("0.5", "0.25", "0.1")."""
+    return f"{float(ratio):g}"
+
+
+def table_r(table: dict, ratio) -> int:
+    """r for `ratio` from an r_by_ratio table {"keep": r}; a ratio it does not list is an error."""
+    key = ratio_key(ratio)
+    if key not in table:
+        raise ValueError(f"prune.r_by_ratio lists r for ratio {', '.join(table)} only, not ratio={key}: "
+                         f"use one of those ratios, or prune.r_by_ratio=null (r from the ratio)")
+    r = table[key]
+    if isinstance(r, bool) or int(r) < 0:
+        raise ValueError(f"prune.r_by_ratio[{key}]={r!r} must be an integer >= 0")
+    return int(r)
 
 
 def tower_r_limit(n_tokens: int, n_layers: int) -> int:

@@ -10,6 +10,8 @@ from dvlm_exp.errors import ConfigError
 
 # model families whose vision path runs a tower method (dvlm_exp/engine/vision.py; the others refuse it)
 TOWER_FAMILIES = ("llada_v",)
+# ToMe inside SigLIP (`where: tower`, stage "siglip_layers") also runs on LaViDa (the study's LaViDa port)
+SIGLIP_LAYER_FAMILIES = TOWER_FAMILIES + ("lavida_llada", "lavida_dream")
 
 
 def check_tower(cfg: DictConfig, facts: dict) -> None:
@@ -20,15 +22,27 @@ def check_tower(cfg: DictConfig, facts: dict) -> None:
     if not facts.get("tower_stage") and not (when and all(p.get(k) == v for k, v in when.items())):
         return
     how = ", ".join(f"prune.{k}={v}" for k, v in when.items()) or f"prune={p.name}"
-    if str(cfg.model.family) not in TOWER_FAMILIES:
+    families = SIGLIP_LAYER_FAMILIES if when else TOWER_FAMILIES  # tower_when: ToMe's where=tower
+    if str(cfg.model.family) not in families:
         alt = "prune.where=llm_input" if when else "a decoder-layer method"
-        raise ConfigError(f"{how} acts in the vision path, which only the {', '.join(TOWER_FAMILIES)} family exposes "
+        raise ConfigError(f"{how} acts in the vision path, which only the {', '.join(families)} family exposes "
                           f"to methods; model={cfg.model.name} ({cfg.model.family}) has no tower path: use "
                           f"model=llada_v / tiny / sandbox, or {alt}")
     if str(cfg.schedule.name) != "first_step":
         raise ConfigError(f"{how} acts once per request, in the vision tower before the first step; "
                           f"schedule={cfg.schedule.name} would not change when: use schedule=first_step")
     r = p.get("r")
+    table = p.get("r_by_ratio")
+    if table is not None:
+        from dvlm_exp.pruning.tome import ratio_key
+
+        if r is not None:
+            raise ConfigError("set prune.r or prune.r_by_ratio, not both (prune.r=null keeps the table)")
+        key = ratio_key(cfg.ratio)
+        if key not in table:
+            raise ConfigError(f"prune.r_by_ratio lists r for ratio {', '.join(map(str, table))} only, not ratio={key}: "
+                              f"use one of those ratios, or prune.r_by_ratio=null (r from the ratio)")
+        r = table[key]
     if r is None:
         return
     if not isinstance(r, int) or isinstance(r, bool) or r < 0:
@@ -42,7 +56,7 @@ def check_tower(cfg: DictConfig, facts: dict) -> None:
 
 
 def tower_size(cfg: DictConfig) -> tuple[int, int]:
-    """(patches per view, encoder layers run) of the configured LLaDA-V-family tower, from config files."""
+    """(patches per view, encoder layers run) of the configured LLaDA-V / LaViDa tower, from config files."""
     m = cfg.model
     if m.get("tiny") is not None:
         t = m.tiny
@@ -52,10 +66,30 @@ def tower_size(cfg: DictConfig) -> tuple[int, int]:
     from dvlm_exp.run.paths import resolve_path
 
     try:
-        d = dims_from_config(resolve_path(m.path))
+        if str(m.family) == "llada_v":
+            d = dims_from_config(resolve_path(m.path))
+            return int(d["vision_patches"]), int(d["vision_layers"])
+        return _lavida_tower_size(resolve_path(m.path), str(m.get("model_type")))
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
-    return int(d["vision_patches"]), int(d["vision_layers"])
+
+
+def _lavida_tower_size(path, model_type: str) -> tuple[int, int]:
+    """LaViDa (OLMo- or Qwen-named LLM config): only the tower's values, as `dims_from_config` reads
+    them (the mm_vision_tower folder's config.json when present, else SigLIP so400m's)."""
+    import json
+
+    from dvlm_exp.models.checkpoint import read_config
+    from dvlm_exp.reporting.plan import SO400M_TOWER
+
+    cfg = read_config(path, model_type)
+    tv = dict(SO400M_TOWER)
+    folder = path / str(cfg.get("mm_vision_tower", "")) / "config.json"
+    if cfg.get("mm_vision_tower") and folder.is_file():
+        tc = json.loads(folder.read_text())
+        tv.update({k: tc[k] for k in SO400M_TOWER if k in tc})
+    pps = int(tv["image_size"]) // int(tv["patch_size"])
+    return pps * pps, int(tv["num_hidden_layers"]) - 1  # the official tower drops its last layer
 
 
 def check_text_tower(cfg: DictConfig) -> None:
