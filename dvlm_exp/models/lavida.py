@@ -250,6 +250,11 @@ class _LaViDa:
 
     def image_features(self, images: list, tower=None, question: str | None = None) -> tuple[list[torch.Tensor], dict]:
         """One [N_vis, d] block per image: pooled anyres for one image, 729 flat per image else."""
+        if tower is not None and tower.tower_stage == "output":  # TRIM: the study's LaViDa port (views unpooled)
+            from dvlm_exp.engine.vision import trim_image_features
+
+            return trim_image_features(self, images, tower, question, square=expand_to_square, n_full=lambda ims: (
+                self.num_image_tokens(ims[0].size) if len(ims) == 1 else len(ims) * self.patches_per_side ** 2))
         if tower is not None:
             raise ValueError(f"{self.family}: prune={tower.name} in the vision tower is implemented for "
                              "LLaDA-V only; use a decoder-layer method")
