@@ -273,6 +273,22 @@ def test_study_trim_lavida_several_images_match_port(model):
     assert info["n_visual_full"] == 2 * 729
 
 
+def test_same_vision_path_on_lavida_llada(tmp_path, text_tower_dir):
+    """The LLaDA backbone shares LaViDa's vision code (the study has no LaViDa-LLaDA TRIM port): the same
+    block as the Dream port's re-statement, and the pooled unpruned count as the FLOPs baseline."""
+    from dvlm_exp.models.lavida import LaViDaLLaDA
+    from dvlm_exp.models.text_tower import TextTower
+    from dvlm_exp.models.tiny_lavida import write_lavida_checkpoint
+
+    m = LaViDaLLaDA.from_pretrained(write_lavida_checkpoint(tmp_path / "llada", "llada", SPEC, seed=3))
+    object.__setattr__(m, "text_tower", TextTower.from_pretrained(text_tower_dir))
+    img = noise_image(800, 600, seed=9)
+    blocks, info = m.image_features([img], tower=preset("study_trim_lavida", 0.5)[0], question=QUESTION)
+    ref, kept, _ = port_image_block(m, img, QUESTION, 0.5)
+    assert info["kept_indices"][0] == kept.tolist() and torch.equal(blocks[0], ref)
+    assert info["n_visual_full"] == m.image_features([img])[0][0].shape[0]
+
+
 def _check(overrides):
     from dvlm_exp.run.build import compose_config
     from dvlm_exp.run.validate import check
@@ -295,9 +311,13 @@ def test_lavida_trim_validates_before_loading(tmp_path, text_tower_dir):
     with pytest.raises(ConfigError, match="32 dims"):
         _check(["model=lavida_dream", f"model.path={d}", "prune=study_trim_lavida",
                 f"model.text_tower_path={text_tower_dir}"])
-    # the released text tower's config (1152 wide) passes
+    # the released text tower's config (1152 wide) passes, on both LaViDa backbones
     t = tmp_path / "siglip"
     t.mkdir()
     shutil.copy(REPO / "tests" / "data" / "siglip_so400m_config.json", t / "config.json")
     (t / "spiece.model").write_bytes(b"")
     _check(["model=lavida_dream", f"model.path={d}", "prune=study_trim_lavida", f"model.text_tower_path={t}"])
+    ll = tmp_path / "llada"
+    ll.mkdir()
+    shutil.copy(REPO / "tests" / "data" / "lavida_llada_config.json", ll / "config.json")
+    _check(["model=lavida_llada", f"model.path={ll}", "prune=study_trim_lavida", f"model.text_tower_path={t}"])
