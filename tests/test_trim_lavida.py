@@ -321,3 +321,24 @@ def test_lavida_trim_validates_before_loading(tmp_path, text_tower_dir):
     ll.mkdir()
     shutil.copy(REPO / "tests" / "data" / "lavida_llada_config.json", ll / "config.json")
     _check(["model=lavida_llada", f"model.path={ll}", "prune=study_trim_lavida", f"model.text_tower_path={t}"])
+
+
+def test_cli_study_trim_lavida(tmp_path, dream_ckpt, text_tower_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, DVLM_OUTPUTS=str(tmp_path / "out"))
+    p = subprocess.run([sys.executable, "run.py", "model=lavida_dream", f"model.path={dream_ckpt}", "model.dtype=float32",
+                        "model.device=cpu", f"model.text_tower_path={text_tower_dir}", "prune=study_trim_lavida",
+                        "ratio=0.25", "limit=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert rec["config"]["prune"]["name"] == "trim" and rec["status"] == "complete"
+    assert rec["tokens"]["visual_kept_per_sample"] == [int(729 * 0.25) + 1]  # base view's k + the mean token
+    assert rec["flops"]["baseline_total"] > rec["flops"]["total"] > 0
+    assert rec["flops"]["by_convention"]["exact"]["scoring"] > 0  # the text tower's forwards
