@@ -99,7 +99,7 @@ def cell(t, bench, part, **keys):
 
 def test_every_job_lands_in_its_table(tree):
     res, written = tree
-    assert res["counts"]["complete"] == len(written) == 96 + 8 + 8 + 13 + 8 + 81 + 9 + 4
+    assert res["counts"]["complete"] == len(written) == 120 + 8 + 8 + 13 + 8 + 81 + 9 + 4  # study_table2: 5 methods (TRIM)
     by_dir = {r["run_dir"]: r for r in res["runs"]}
     want_table = {"study_table2": "dmllm_redundancy_study/table2", "study_table2_vtw": "dmllm_redundancy_study/table2",
                   "lavida_dream_baseline": "dmllm_redundancy_study/table2", "fastv_readme": "fastv/readme_lmms_eval",
@@ -137,17 +137,16 @@ def test_table2_lavida_dream(tree):
     m = jobs[("vtw", 0.5, "mmmu_pro")]
     assert cell(t, "MMMU-Pro", "ours", method="VTW", keep_ratio=0) == pytest.approx(100 * m["mmmu_acc,none"])
     assert cell(t, "MMMU-Pro", "published", method="VTW", keep_ratio=0) is not None
-    # every (method, keep) row of ours has all 8 benchmarks beside a published number (TRIM: published only)
+    m = jobs[("trim", 0.25, "gqa")]  # study_trim_lavida
+    assert cell(t, "GQA", "ours", method="TRIM", keep_ratio=0.25) == pytest.approx(100 * m["exact_match,none"])
+    # every (method, keep) row of ours has all 8 benchmarks beside a published number
     df = t["scores"]
     benches = ["MME", "ScienceQA", "GQA", "POPE", "MMBench", "TextVQA", "ChartQA", "MMMU-Pro"]
     for _, row in df.iterrows():
         has_ours = [row[f"{b}|ours"] == row[f"{b}|ours"] and row[f"{b}|ours"] is not None for b in benches]
-        if row["method"] == "TRIM":
-            assert not any(has_ours)
-            continue
         assert all(has_ours), row["method"]
         assert all(row[f"{b}|published"] == row[f"{b}|published"] for b in benches), row["method"]
-    assert len(df) == 1 + 4 * 3 + 3 + 1  # baseline, 4 methods x 3 keeps, TRIM x 3 (published only), VTW
+    assert len(df) == 1 + 5 * 3 + 1  # baseline, 5 methods (TRIM included) x 3 keeps, VTW
 
 
 def test_fastv_readme_table(tree):

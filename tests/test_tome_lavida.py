@@ -206,7 +206,7 @@ def test_vision_flops_follow_the_merged_tower(model):
     (["prune=study_tome_lavida", "ratio=0.5", "prune.r=5"], "set prune.r or prune.r_by_ratio, not both"),
     (["prune=study_tome_lavida", "ratio=0.5", "prune.r_by_ratio=null", "prune.r=300"], "prune.r=300 is too large"),
     (["prune=study_tome_lavida", "ratio=0.5", "schedule=start_frac"], "use schedule=first_step"),
-    (["prune=study_trim"], "has no tower path"),  # TRIM is not wired on LaViDa on this branch
+    (["prune=study_trim"], "needs model.text_tower_path"),  # TRIM runs on LaViDa too, with its text tower
 ])
 def test_bad_tower_input_refused_before_loading(ckpt, overrides, message, monkeypatch):
     from dvlm_exp.errors import ConfigError

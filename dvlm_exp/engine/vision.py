@@ -139,7 +139,8 @@ def tower_layer_features(model, pixel_values: torch.Tensor, layer: int | None) -
 @torch.no_grad()
 def trim_image_features(model, images: list, method, question: str | None, square) -> tuple[list[torch.Tensor], dict]:
     """One [n, d] block per image, as the port's tower + llava_arch give them to the LLM (`square`: the
-    model's pad-to-square for several images)."""
+    model's pad-to-square for several images). The port's LaViDa path does not pool the views, so the
+    reduction and the cut are the same on both families; only the unpruned count (`_views`) differs."""
     from dvlm_exp.models.text_tower import DOWNLOAD_HINT
 
     tt = getattr(model, "text_tower", None)
@@ -151,7 +152,7 @@ def trim_image_features(model, images: list, method, question: str | None, squar
     px, groups, n_full = _views(model, images, square)
     layer = int(model.config.get("mm_vision_select_layer", -1)) if method.features == "select_layer" else None
     feats = tower_layer_features(model, px, layer)  # [V, N, dv]
-    text = tt.encode(question)  # [1, D]
+    text = tt.encode(question, embedding=method.text_embedding, strip=method.text_strip)  # [1, D]
     if text.shape[-1] != feats.shape[-1]:
         raise ValueError(f"prune={method.name}: the text tower's embedding ({text.shape[-1]}) and the vision "
                          f"tower's features ({feats.shape[-1]}) differ in size; the port dots them directly")
@@ -163,7 +164,8 @@ def trim_image_features(model, images: list, method, question: str | None, squar
         views = range(v0, v0 + (1 if method.views == "first" else g))
         blocks.append(torch.cat([proj[v, :n_keep] for v in views]))
         v0 += g
-    n_windows = len(tt.windows(question))
+    n_windows = len(tt.windows(question, strip=method.text_strip))
     info = {"views": int(px.shape[0]), "kept_indices": [k.tolist() for k in kept],
-            "n_visual_full": int(n_full), "method_flops": tt.flops(n_windows)}
+            "n_visual_full": int(n_full),
+            "method_flops": tt.flops(n_windows)}
     return blocks, info

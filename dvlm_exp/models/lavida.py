@@ -254,9 +254,13 @@ class _LaViDa:
             from dvlm_exp.engine.vision import tower_image_features
 
             return tower_image_features(self, images, tower, square=expand_to_square)
+        if tower is not None and tower.tower_stage == "output":  # TRIM: the study's LaViDa port (views unpooled)
+            from dvlm_exp.engine.vision import trim_image_features
+
+            return trim_image_features(self, images, tower, question, square=expand_to_square)
         if tower is not None:
-            raise ValueError(f"{self.family}: prune={tower.name} in the vision tower is implemented for "
-                             "LLaDA-V only; use a decoder-layer method")
+            raise ValueError(f"{self.family}: prune={tower.name}: tower stage {tower.tower_stage!r} is not "
+                             "wired for LaViDa; use a decoder-layer method")
         if len(images) == 1 and self.anyres:
             px, size_wh = llava_image.process_image(images[0], self.grid_pinpoints, self.image_size)
             feats = self.encode_views(px)  # [V, 729, d]

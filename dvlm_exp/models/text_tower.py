@@ -12,6 +12,10 @@ with `_encode_texts_chunked`, which `TextTower.encode` re-states:
   minus the tokenizer's special-token count; each window -> build_inputs_with_special_tokens,
   right-padded to max_position_embeddings with the pad id (attention mask 0 there); the text
   model's `pooler_output` per window; the mean over windows.
+The study's LaViDa port (`LaViDa/eval/llava_trim/.../siglip_encoder.py`) differs in two places, the
+arguments `strip=False` (the lmms-eval context as it comes) and `embedding="first_token"`
+(`last_hidden_state[:, 0]`: its output check finds no `text_embeds` and the text model no
+`text_projection`, and it never asks for `pooler_output`).
 
 `dvlm_exp.engine.vision.trim_image_features` is the vision path for `tower_stage == "output"` (dvlm_exp/pruning/trim.py):
 the tower's features of the selected layer per 384px view, the method's per-view reduction, the
@@ -37,7 +41,7 @@ class TextTowerError(ValueError):
 
 def text_tower_facts(path) -> dict:
     """Check a text-tower folder without torch: config.json with a SigLIP `text_config` (or a
-    bare `siglip_text_model` config) and tokenizer files. Returns {"path", "dim", "max_length"}."""
+    bare `siglip_text_model` config) and tokenizer files. Returns {"path", "dim" (pooler output), "hidden" (hidden states), "max_length"}."""
     from dvlm_exp.run.paths import resolve_path
 
     try:
@@ -61,7 +65,7 @@ def text_tower_facts(path) -> dict:
         raise TextTowerError(f"model.text_tower_path={path}: no tokenizer (spiece.model or tokenizer.json): "
                              f"re-download {DOWNLOAD_HINT}")
     hidden = int(tc.get("hidden_size", 768))
-    return {"path": d, "dim": int(tc.get("projection_size") or hidden),
+    return {"path": d, "dim": int(tc.get("projection_size") or hidden), "hidden": hidden,
             "max_length": int(tc.get("max_position_embeddings", 64))}
 
 
@@ -105,33 +109,38 @@ class TextTower(nn.Module):
     def max_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 64))
 
-    def windows(self, text: str) -> list[list[int]]:
-        """The port's windows of token ids, special tokens and padding included."""
+    def windows(self, text: str, strip: bool = True) -> list[list[int]]:
+        """The port's windows of token ids, special tokens included (padding not)."""
         tok, max_len = self.tokenizer, self.max_length
         body = max(1, max_len - tok.num_special_tokens_to_add(pair=False))
-        ids = tok(text.strip(), add_special_tokens=False, verbose=False)["input_ids"]  # longer than one window: windows
+        ids = tok(text.strip() if strip else text, add_special_tokens=False, verbose=False)["input_ids"]  # longer than one window: windows
         return [tok.build_inputs_with_special_tokens(ids[i:i + body]) for i in range(0, len(ids), body)] or \
             [tok.build_inputs_with_special_tokens([])]
 
     @torch.no_grad()
-    def encode(self, text: str) -> torch.Tensor:
+    def encode(self, text: str, embedding: str = "pooler", strip: bool = True) -> torch.Tensor:
+        """[1, dim]: per window `pooler_output` (embedding="pooler") or `last_hidden_state[:, 0]`
+        ("first_token", size hidden_size), averaged over the windows."""
+        if embedding not in ("pooler", "first_token"):
+            raise ValueError(f"embedding must be pooler or first_token, got {embedding!r}")
         tok, max_len = self.tokenizer, self.max_length
         pad = tok.pad_token_id if tok.pad_token_id is not None else (
             tok.eos_token_id if tok.eos_token_id is not None else 0)
         dev = next(self.model.parameters()).device
         outs = []
-        for win in self.windows(text):
+        for win in self.windows(text, strip=strip):
             ids = torch.tensor([win[:max_len]], dtype=torch.long, device=dev)
             mask = torch.ones_like(ids)
             if ids.shape[1] < max_len:
                 ids = F.pad(ids, (0, max_len - ids.shape[1]), value=pad)
                 mask = F.pad(mask, (0, max_len - mask.shape[1]), value=0)
-            outs.append(self.model(input_ids=ids, attention_mask=mask).pooler_output)
+            out = self.model(input_ids=ids, attention_mask=mask)
+            outs.append(out.pooler_output if embedding == "pooler" else out.last_hidden_state[:, 0])
         return torch.stack(outs, 0).mean(0)  # [1, dim]
 
     def flops(self, n_windows: int) -> int:
-        """Exact-convention FLOPs of `n_windows` forwards (layers + pooling head), as
-        dvlm_exp/reporting/flops.py counts the vision tower."""
+        """Exact-convention FLOPs of `n_windows` forwards (layers + pooling head, which runs whichever
+        embedding is taken), as dvlm_exp/reporting/flops.py counts the vision tower."""
         c = self.model.config
         n, d, m = self.max_length, c.hidden_size, c.intermediate_size
         per_layer = 2 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)

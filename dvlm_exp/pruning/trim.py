@@ -23,6 +23,21 @@ view's kept tokens and the mean token, the tiles are dropped (`views: first`); `
 every view's k (+1) tokens instead, concatenated in view order (no newline tokens; our option).
 The LLM sees the shorter sequence, positions 0..L'-1 (renumber).
 
+On LaViDa-Dream (Table 2) the port is `LaViDa/eval/llava_trim/...` (same files; lmms-eval wrapper
+`LaViDa/eval/lmms_eval/models/llava_dream.py` `generate_until` passes `texts=raw_questions`, the
+lmms-eval context). Its differences are options (preset sweeps/prune/study_trim_lavida.yaml):
+  k       int(N * k) with k = 0.1 written in token_reduction (the fraction KEPT, edited per row;
+          ratio = k), clamped to [1, N]: for N = 729 the same k as int(N * (1 - (1 - k))) at every
+          ratio 0.01 .. 0.99 (tests/test_trim_lavida.py); ratio 1 (k = N) indexes past the
+          padded block in the port, here k <= N - 1                  -> `keep_count` unchanged
+  text    the text model of a hard-coded siglip2-so400m-patch14-384 folder; `_encode_texts_chunked` takes `last_hidden_state[:, 0]` (the output has no
+          `text_embeds`, the text model no `text_projection`), not the pooler; the context is
+          not stripped                                   -> text_embedding: first_token, text_strip: false
+  pooling none: llava_arch.py's image branch has no get_2dPool (only videos are pooled), so each
+          view keeps N = 729 unpooled tower tokens, the packing is the unpooled 27x27 one, then the
+          cut to k + 1 (not LaViDa's 196 pooled tokens per view)
+          (dvlm_exp/engine/vision.py `trim_image_features` is the same path on both families)
+
 The method acts in the vision path only (`tower_stage = "output"`: dvlm_exp/engine/vision.py
 `trim_image_features`); in the decoder layer loop it does nothing.
 """
@@ -43,16 +58,20 @@ class TRIM(PruneMethod):
     layer_fields = {}
     choices = {"similarity": ("negated", "similar"), "views": ("first", "all"),
                "features": ("select_layer", "last"), "append_mean": (True, False),
-               "position_ids": ("renumber",), "rounding": ("floor",)}
+               "position_ids": ("renumber",), "rounding": ("floor",),
+               "text_embedding": ("pooler", "first_token"), "text_strip": (True, False)}
 
     def __init__(self, similarity: str = "negated", views: str = "first", features: str = "select_layer",
-                 append_mean: bool = True, rounding: str = "floor", position_ids: str = "renumber", **kwargs):
+                 append_mean: bool = True, rounding: str = "floor", position_ids: str = "renumber",
+                 text_embedding: str = "pooler", text_strip: bool = True, **kwargs):
         super().__init__(rounding=rounding, position_ids=position_ids, **kwargs)
-        for key, val in (("similarity", similarity), ("views", views), ("features", features)):
+        for key, val in (("similarity", similarity), ("views", views), ("features", features),
+                         ("text_embedding", text_embedding)):
             if val not in self.choices[key]:
                 raise ValueError(f"prune.{key} must be one of {', '.join(self.choices[key])}, got {val!r}")
         self.similarity, self.views, self.features = similarity, views, features
         self.append_mean = bool(append_mean)
+        self.text_embedding, self.text_strip = text_embedding, bool(text_strip)
 
     def decide(self, view):
         return None  # acts before the LLM only

@@ -8,10 +8,11 @@ from omegaconf import DictConfig
 from dvlm_exp.errors import ConfigError
 
 
-# model families whose vision path runs a tower method (dvlm_exp/engine/vision.py; the others refuse it)
-TOWER_FAMILIES = ("llada_v",)
-# ToMe inside SigLIP (`where: tower`, stage "siglip_layers") also runs on LaViDa (the study's LaViDa port)
-SIGLIP_LAYER_FAMILIES = TOWER_FAMILIES + ("lavida_llada", "lavida_dream")
+# per tower stage, the model families whose vision path runs it (dvlm_exp/engine/vision.py; the others
+# refuse it): "siglip_layers" ToMe inside SigLIP, "output" TRIM before the projector (LaViDa: the study's
+# LaViDa ports, study_tome_lavida / study_trim_lavida)
+TOWER_FAMILIES = {"siglip_layers": ("llada_v", "lavida_dream", "lavida_llada"),
+                  "output": ("llada_v", "lavida_dream", "lavida_llada")}
 
 
 def check_tower(cfg: DictConfig, facts: dict) -> None:
@@ -22,12 +23,12 @@ def check_tower(cfg: DictConfig, facts: dict) -> None:
     if not facts.get("tower_stage") and not (when and all(p.get(k) == v for k, v in when.items())):
         return
     how = ", ".join(f"prune.{k}={v}" for k, v in when.items()) or f"prune={p.name}"
-    families = SIGLIP_LAYER_FAMILIES if when else TOWER_FAMILIES  # tower_when: ToMe's where=tower
+    families = TOWER_FAMILIES.get(facts.get("tower_stage") or "siglip_layers", ())  # tower_when: ToMe's stage
     if str(cfg.model.family) not in families:
         alt = "prune.where=llm_input" if when else "a decoder-layer method"
         raise ConfigError(f"{how} acts in the vision path, which only the {', '.join(families)} family exposes "
                           f"to methods; model={cfg.model.name} ({cfg.model.family}) has no tower path: use "
-                          f"model=llada_v / tiny / sandbox, or {alt}")
+                          f"model={' / '.join(families)} / tiny / sandbox, or {alt}")
     if str(cfg.schedule.name) != "first_step":
         raise ConfigError(f"{how} acts once per request, in the vision tower before the first step; "
                           f"schedule={cfg.schedule.name} would not change when: use schedule=first_step")
@@ -93,8 +94,9 @@ def _lavida_tower_size(path, model_type: str) -> tuple[int, int]:
 
 
 def check_text_tower(cfg: DictConfig) -> None:
-    """prune=trim needs LLaDA-V and a SigLIP text tower whose embedding size is the vision tower's
-    (dvlm_exp/models/text_tower.py), checked from config files only."""
+    """prune=trim needs a SigLIP text tower whose embedding size (the pooler's projection_size, or the
+    hidden_size with prune.text_embedding=first_token) is the vision tower's (dvlm_exp/models/text_tower.py),
+    checked from config files only."""
     from dvlm_exp.models.text_tower import DOWNLOAD_HINT, TextTowerError, text_tower_facts
 
     m = cfg.model  # the family was checked by check_tower (TRIM's tower_stage)
@@ -102,7 +104,8 @@ def check_text_tower(cfg: DictConfig) -> None:
     if not path:
         raise ConfigError(f"prune={cfg.prune.name} needs model.text_tower_path=/path/to/siglip: {DOWNLOAD_HINT}")
     try:
-        dim = text_tower_facts(path)["dim"]
+        facts = text_tower_facts(path)
+        dim = facts["hidden" if cfg.prune.get("text_embedding") == "first_token" else "dim"]
     except TextTowerError as e:
         raise ConfigError(str(e)) from e
     if m.get("tiny") is not None:

@@ -36,6 +36,7 @@ METHOD_LABELS = {
     "tome": "ToMe",
     "trim": "TRIM",
     "study_trim": "TRIM",
+    "study_trim_lavida": "TRIM",
     "visipruner": "VisiPruner",
     "skip": "LayerSkip",
 }
