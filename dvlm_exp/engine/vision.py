@@ -77,6 +77,16 @@ def run_siglip_layers(embeddings, layers, pixel_values: torch.Tensor, method) ->
     return TowerRun(h, sizes, record)
 
 
+def vision_path_features(model, images: list, method, question: str | None, square) -> tuple[list[torch.Tensor], dict]:
+    """The visual blocks for a method with `tower_stage` set (called from the model's image_features)."""
+    if method.tower_stage == TOWER_STAGE:
+        return tower_image_features(model, images, method, square)
+    if method.tower_stage == "output":
+        return trim_image_features(model, images, method, question, square)
+    raise ValueError(f"prune={method.name}: tower stage {method.tower_stage!r} has no vision path in "
+                     "dvlm_exp/engine/vision.py; use a decoder-layer method")
+
+
 def _views(model, images: list, square) -> tuple[torch.Tensor, list[int], int]:
     """Pixel views [V,3,S,S], views per image, and the visual tokens the unpruned path would give:
     anyres for one image, one square (pad) view per image for several (the official eval)."""

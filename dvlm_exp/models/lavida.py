@@ -250,17 +250,10 @@ class _LaViDa:
 
     def image_features(self, images: list, tower=None, question: str | None = None) -> tuple[list[torch.Tensor], dict]:
         """One [N_vis, d] block per image: pooled anyres for one image, 729 flat per image else."""
-        if tower is not None and tower.tower_stage == "siglip_layers":  # ToMe inside SigLIP (the port: no pooling)
-            from dvlm_exp.engine.vision import tower_image_features
+        if tower is not None:  # the study's LaViDa ports of ToMe / TRIM: views unpooled (engine/vision.py)
+            from dvlm_exp.engine.vision import vision_path_features
 
-            return tower_image_features(self, images, tower, square=expand_to_square)
-        if tower is not None and tower.tower_stage == "output":  # TRIM: the study's LaViDa port (views unpooled)
-            from dvlm_exp.engine.vision import trim_image_features
-
-            return trim_image_features(self, images, tower, question, square=expand_to_square)
-        if tower is not None:
-            raise ValueError(f"{self.family}: prune={tower.name}: tower stage {tower.tower_stage!r} is not "
-                             "wired for LaViDa; use a decoder-layer method")
+            return vision_path_features(self, images, tower, question, square=expand_to_square)
         if len(images) == 1 and self.anyres:
             px, size_wh = llava_image.process_image(images[0], self.grid_pinpoints, self.image_size)
             feats = self.encode_views(px)  # [V, 729, d]

@@ -293,16 +293,10 @@ class LLaDAV(nn.Module):
         """One [N_vis, d] block per image (anyres for a single image, base view for several).
 
         `tower`: a pruning method acting in the vision path (`tower_stage` set), with the question."""
-        if tower is not None and tower.tower_stage == "siglip_layers":  # ToMe inside SigLIP: the engine's tower loop
-            from dvlm_exp.engine.vision import tower_image_features
+        if tower is not None:  # ToMe inside SigLIP, TRIM before the projector: the engine's vision path
+            from dvlm_exp.engine.vision import vision_path_features
 
-            return tower_image_features(self, images, tower, square=expand_to_square)
-        if tower is not None and tower.tower_stage == "output":  # TRIM: after the tower, before the projector
-            from dvlm_exp.engine.vision import trim_image_features
-
-            return trim_image_features(self, images, tower, question, square=expand_to_square)
-        if tower is not None:
-            raise NotImplementedError(f"prune={tower.name}: tower stage {tower.tower_stage!r} is not wired yet")
+            return vision_path_features(self, images, tower, question, square=expand_to_square)
         if len(images) == 1:
             px, size_wh = llava_image.process_image(images[0], self.grid_pinpoints, self.image_size)
             feats = self.encode_views(px)
